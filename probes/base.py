@@ -1,0 +1,106 @@
+"""The probe interface: hooks named for the moment they fire, stats declared with a reduction.
+
+A probe reads the training state and never writes it. Statistics are declared in ``setup``
+with ``add_stat(name, default, reduce)``; the hooks accumulate into ``self.stats[name]``;
+the manager reduces every declared stat of every due probe across ranks (all sum-stats in ONE
+all_reduce), then calls ``compute`` which turns reduced sums into logged values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+REDUCTIONS = ("sum", "max", "min", "cat")
+
+
+@dataclass(frozen=True)
+class StepContext:
+    step: int
+    model: torch.nn.Module  # unwrapped policy (PeftModel), never the DDP wrapper
+    optimizer: torch.optim.Optimizer
+    lr: float
+    batch: Any  # RolloutBatch of this rank
+    world: Any  # dist.DistInfo
+    cfg: Any  # RunConfig
+    microbatch: Any = None  # RolloutBatch slice, in on_after_backward
+    microbatch_index: int = -1
+    num_microbatches: int = 0
+    params_before: dict[str, torch.Tensor] | None = None  # snapshot taken before optimizer.step
+    helpers: dict[str, Callable] = field(default_factory=dict)
+
+    def replace(self, **changes) -> StepContext:
+        return dataclasses.replace(self, **changes)
+
+    def trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def delta_theta(self) -> dict[str, torch.Tensor]:
+        """θ_new − θ_old of the real optimizer step (after on_after_optimizer_step only)."""
+        assert self.params_before is not None, "set needs_param_snapshot = True on the probe"
+        return {n: p.detach() - self.params_before[n] for n, p in self.trainable().items()}
+
+
+@dataclass
+class SetupContext:
+    cfg: Any
+    world: Any
+    model: torch.nn.Module
+    tokenizer: Any
+    options: dict
+
+
+@dataclass
+class _Stat:
+    default: float
+    reduce: str
+
+
+class Probe:
+    kind: str = ""
+    needs_param_snapshot: bool = False  # manager snapshots θ before optimizer.step
+
+    def __init__(self, name: str, every_n_steps: int = 1, options: dict | None = None):
+        self.name = name
+        self.every_n_steps = every_n_steps
+        self.options = dict(options or {})
+        self._declared: dict[str, _Stat] = {}
+        self.stats: dict[str, Any] = {}
+
+    # -- declaration ------------------------------------------------------------------
+    def add_stat(self, name: str, default: float = 0.0, reduce: str = "sum") -> None:
+        assert reduce in REDUCTIONS, f"reduce must be one of {REDUCTIONS}"
+        assert name not in self._declared, f"stat {name} declared twice"
+        self._declared[name] = _Stat(default, reduce)
+
+    def reset_stats(self) -> None:
+        self.stats = {n: ([] if s.reduce == "cat" else s.default) for n, s in self._declared.items()}
+
+    def is_due(self, step: int) -> bool:
+        return step % self.every_n_steps == 0
+
+    # -- hooks (override what you need) -------------------------------------------------
+    def setup(self, ctx: SetupContext) -> None:
+        pass
+
+    def on_after_backward(self, ctx: StepContext) -> None:
+        pass
+
+    def on_before_optimizer_step(self, ctx: StepContext) -> None:
+        pass
+
+    def on_after_optimizer_step(self, ctx: StepContext) -> None:
+        pass
+
+    def compute(self) -> dict[str, float]:
+        """Reduced stats -> logged values (keys without the probe/<name>/ prefix)."""
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, sd: dict) -> None:
+        pass

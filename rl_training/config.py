@@ -1,0 +1,311 @@
+"""Typed run configuration: YAML file + dotted ``key=value`` overrides.
+
+Every key is a dataclass field; an unknown key or a value of the wrong type is a
+``ConfigError`` naming the key (and the file it came from). ``validate`` checks the
+cross-field rules (divisibility of the buffer, full-vocabulary sampling, ...), so a config
+that loads is a config that can run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rl_training.errors import ConfigError
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "tiny-random"  # hub id | local dir | .gguf | smollm2-135m-instruct | tiny-random
+    dtype: str = "float32"  # float32 | bfloat16 | float64
+    cache_dir: str | None = None  # where converted GGUF models live
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class DataConfig:
+    task: str = "arithmetic"  # arithmetic | gsm8k
+    path: str | None = None  # local GSM8K jsonl; None with task=gsm8k means the hub
+    split: str = "train"
+    num_records: int | None = None
+    level: int = 1  # arithmetic difficulty, 1..5
+    eval_fraction: float = 0.1  # held-out prompts for E-batches (probes), disjoint from training
+    reward: str = "flexible"  # strict | flexible
+    use_chat_template: bool = True
+    max_prompt_tokens: int = 256
+
+
+@dataclass
+class SchedulerConfig:
+    ema_decay: float = 0.7
+    hard_threshold: float = 0.2
+    easy_threshold: float = 0.8
+    weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 0.3])  # hard, normal, easy
+
+
+@dataclass
+class RolloutConfig:
+    group_size: int = 4  # G samples per prompt
+    prompts_per_round: int = 4  # per rank, per sampling round
+    max_new_tokens: int = 64  # also L_budget, the loss normaliser
+    temperature: float = 1.0  # part of the policy: log-probs are computed from logits / T
+    top_p: float = 1.0  # must stay 1.0: probes need the full-vocabulary policy
+    top_k: int = 0  # must stay 0 (off)
+    filter_groups: bool = True  # drop groups whose rewards are all equal
+    max_rounds: int = 8  # sampling rounds per step before training on what was accepted
+    generation_batch_size: int = 16  # sequences per generate() call
+
+
+@dataclass
+class TrainConfig:
+    total_steps: int = 4
+    buffer_size: int = 8  # accepted sequences per optimizer step, global over ranks
+    microbatch_size: int = 4  # sequences per forward/backward, per rank
+    ppo_epochs: int = 1
+    lr: float = 1e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    schedule: str = "const"  # const | cosine
+    warmup_steps: int = 0
+    grad_clip: float = 1.0  # <= 0 disables
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    kl_beta: float = 0.0  # k3 KL to the base model (LoRA disabled); added only when > 0
+    backend: str = "auto"  # auto | gloo | nccl
+
+
+@dataclass
+class LoggingConfig:
+    rollout_fraction: float = 1.0  # fraction of completions written to logs/rollouts.jsonl
+    rollout_gzip: bool = False
+    text_samples: int = 2  # completions per step shown in TensorBoard as text
+    progress_bar: bool = True
+
+
+@dataclass
+class ProbeSpec:
+    name: str = ""
+    kind: str = ""
+    every_n_steps: int = 1
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ProbesConfig:
+    strict: bool = False  # re-raise probe errors (tests) instead of disabling the probe
+    probes: list[ProbeSpec] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    output_dir: str = "runs"  # runs/run_<timestamp>/ is created below it
+    run_name: str | None = None  # overrides run_<timestamp>
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    probes: ProbesConfig = field(default_factory=ProbesConfig)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: '{key}' must be a mapping, got {type(value).__name__}")
+        return _build(tp, value, key, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: '{key}' must be a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: '{key}' must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: '{key}' must be true/false, got {value!r}")
+    if tp is int and isinstance(value, bool):
+        raise ConfigError(f"{where}: '{key}' must be an int, got {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{where}: '{key}' must be {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"{where}: unknown config key '{dotted}' (valid: {', '.join(sorted(names))})")
+        kwargs[key] = _coerce(value, hints[key], dotted, where)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``["train.lr=1e-5", "model.lora.target_modules=[q_proj]"]`` -> typed YAML values."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Load a YAML file (or the defaults when ``path`` is None), apply overrides, validate."""
+    tree: dict = {}
+    where = "defaults"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(tree, key, value)
+    if overrides:
+        where = f"{where} + overrides"
+    cfg = _build(RunConfig, tree, "", where)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(tree: dict, where: str = "config") -> RunConfig:
+    cfg = _build(RunConfig, tree, "", where)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"'{key}' {msg}")
+
+
+def validate(cfg: RunConfig, world_size: int | None = None) -> None:
+    """Cross-field rules. ``world_size`` (known only at launch) adds the divisibility rule."""
+    m, d, r, t = cfg.model, cfg.data, cfg.rollout, cfg.train
+    _check(m.dtype in ("float32", "bfloat16", "float64"), "model.dtype", f"must be float32|bfloat16|float64, got {m.dtype!r}")
+    _check(m.lora.r > 0, "model.lora.r", "must be > 0")
+    _check(0.0 <= m.lora.dropout < 1.0, "model.lora.dropout", "must be in [0, 1)")
+    _check(len(m.lora.target_modules) > 0, "model.lora.target_modules", "must name at least one module")
+    _check(d.task in ("arithmetic", "gsm8k"), "data.task", f"must be arithmetic|gsm8k, got {d.task!r}")
+    _check(d.reward in ("strict", "flexible"), "data.reward", f"must be strict|flexible, got {d.reward!r}")
+    _check(1 <= d.level <= 5, "data.level", "must be in 1..5")
+    _check(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
+    _check(d.num_records is None or d.num_records > 0, "data.num_records", "must be > 0")
+    _check(len(cfg.scheduler.weights) == 3, "scheduler.weights", "must list 3 weights: hard, normal, easy")
+    _check(r.group_size >= 2, "rollout.group_size", "must be >= 2 (the group mean is the baseline)")
+    _check(r.prompts_per_round >= 1, "rollout.prompts_per_round", "must be >= 1")
+    _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+    _check(r.temperature > 0, "rollout.temperature", "must be > 0")
+    _check(r.top_p == 1.0, "rollout.top_p", "must be 1.0: the probes need the full-vocabulary policy (use temperature)")
+    _check(r.top_k == 0, "rollout.top_k", "must be 0 (off): the probes need the full-vocabulary policy (use temperature)")
+    _check(r.max_rounds >= 1, "rollout.max_rounds", "must be >= 1")
+    _check(r.generation_batch_size >= 1, "rollout.generation_batch_size", "must be >= 1")
+    _check(t.total_steps >= 1, "train.total_steps", "must be >= 1")
+    _check(t.microbatch_size >= 1, "train.microbatch_size", "must be >= 1")
+    _check(t.ppo_epochs >= 1, "train.ppo_epochs", "must be >= 1")
+    _check(t.lr >= 0, "train.lr", "must be >= 0")
+    _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "must be two numbers in [0, 1)")
+    _check(t.schedule in ("const", "cosine"), "train.schedule", f"must be const|cosine, got {t.schedule!r}")
+    _check(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    _check(t.eps_low >= 0 and t.eps_high >= 0, "train.eps_low", "and eps_high must be >= 0")
+    _check(t.kl_beta >= 0, "train.kl_beta", "must be >= 0")
+    _check(t.backend in ("auto", "gloo", "nccl"), "train.backend", f"must be auto|gloo|nccl, got {t.backend!r}")
+    _check(0.0 <= cfg.logging.rollout_fraction <= 1.0, "logging.rollout_fraction", "must be in [0, 1]")
+    names = [p.name for p in cfg.probes.probes]
+    for i, p in enumerate(cfg.probes.probes):
+        _check(bool(p.name) and bool(p.kind), f"probes.probes[{i}]", "needs a name and a kind")
+        _check(p.every_n_steps >= 1, f"probes.probes[{i}].every_n_steps", "must be >= 1")
+    _check(len(set(names)) == len(names), "probes.probes", f"has duplicate names: {names}")
+    if world_size is not None:
+        grad_accum(cfg, world_size)
+
+
+def grad_accum(cfg: RunConfig, world_size: int) -> int:
+    """Microbatches per optimizer step on each rank: buffer / (world × microbatch)."""
+    t = cfg.train
+    per_step = world_size * t.microbatch_size
+    if t.buffer_size % per_step:
+        raise ConfigError(
+            f"'train.buffer_size' ({t.buffer_size}) must be divisible by world_size × "
+            f"train.microbatch_size ({world_size} × {t.microbatch_size} = {per_step})"
+        )
+    return t.buffer_size // per_step

@@ -1,0 +1,22 @@
+"""User-facing errors.
+
+Anything a user can cause (a bad config key, a missing file, a malformed record) raises a
+subclass of ``UserError`` with a one-line message naming what is wrong. Runners catch it,
+print that line and exit nonzero; everything else is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """An error in the user's input; its message is shown as one line."""
+
+
+class ConfigError(UserError, ValueError):
+    """A bad config key, type or value."""
+
+
+class DataError(UserError, ValueError):
+    """A missing or malformed data file or record."""
+
+
+class ModelError(UserError):
+    """A model, tokenizer or GGUF file that cannot be resolved or loaded."""

@@ -1,0 +1,68 @@
+"""Log-probabilities and entropies of completions under π_T (logits / T), by one forward.
+
+Everything that scores a completion — the loss, the rollout's old/ref log-probs, the probes —
+goes through ``completion_logits`` so that all of them see the same policy: same temperature,
+same dtype, same position ids as generation (left padding).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def trim(prompt_ids, prompt_mask, completion_ids, completion_mask):
+    """Drop columns that are padding in every row (left of prompts, right of completions)."""
+    keep_p = prompt_mask.any(dim=0).nonzero()
+    start = int(keep_p[0]) if keep_p.numel() else prompt_mask.shape[1]
+    keep_c = completion_mask.any(dim=0).nonzero()
+    stop = int(keep_c[-1]) + 1 if keep_c.numel() else 1
+    return prompt_ids[:, start:], prompt_mask[:, start:], completion_ids[:, :stop], completion_mask[:, :stop]
+
+
+def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float):
+    """[B, L, V] logits / T that predict each completion token (only those positions are projected)."""
+    device = next(model.parameters()).device
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1).to(device)
+    attention = torch.cat([prompt_mask, completion_mask], dim=1).to(device)
+    # Generation numbers positions from the first real token of each left-padded row.
+    position_ids = (attention.cumsum(dim=1) - 1).clamp(min=0)
+    length = completion_ids.shape[1]
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention,
+        position_ids=position_ids,
+        logits_to_keep=length + 1,
+        use_cache=False,
+    )
+    return out.logits[:, :-1, :] / temperature
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target], [B, L]; computed in float32 at least."""
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets.to(logits.device).unsqueeze(-1)).squeeze(-1)
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary entropy of softmax(logits) at each position, [B, L]."""
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+@torch.no_grad()
+def score(model, batch_tensors, temperature: float, microbatch_size: int, with_entropy: bool = False):
+    """No-grad log-probs (and entropies) [N, L] of whole rollouts, in microbatches."""
+    prompt_ids, prompt_mask, completion_ids, completion_mask = batch_tensors
+    n, width = completion_ids.shape
+    logp = torch.zeros(n, width)
+    ent = torch.zeros(n, width) if with_entropy else None
+    for s in range(0, n, microbatch_size):
+        sl = slice(s, s + microbatch_size)
+        p, pm, c, cm = trim(prompt_ids[sl], prompt_mask[sl], completion_ids[sl], completion_mask[sl])
+        logits = completion_logits(model, p, pm, c, cm, temperature)
+        w = c.shape[1]
+        logp[sl, :w] = token_logprobs(logits, c).float().cpu()
+        if with_entropy:
+            ent[sl, :w] = token_entropy(logits).float().cpu()
+    return logp * completion_mask, (ent * completion_mask if with_entropy else None)

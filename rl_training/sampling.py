@@ -1,0 +1,153 @@
+"""Sampling from the full-vocabulary policy π_T with HF ``generate``.
+
+Every sequence draws its tokens from its own ``torch.Generator`` through the Gumbel-max
+trick (argmax of logits/T + Gumbel noise is an exact sample of softmax(logits/T)). So a
+sequence depends only on its seed and the model, not on which rank or batch it was generated
+in: a run on two ranks and a run on one process draw the same global batch, and a resumed
+run draws what the uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed from any printable parts, identical across processes and Python runs."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class GumbelSampler(LogitsProcessor):
+    """Turns greedy decoding into exact sampling at temperature T with one RNG per row.
+
+    It must be the only logits processor: ``sample`` passes neutral settings to ``generate``
+    so that HF adds none of its own (repetition penalty, top-k, ...).
+    """
+
+    def __init__(self, seeds: list[int], temperature: float):
+        self.temperature = temperature
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        assert scores.shape[0] == len(self.generators), "one seed per generated row"
+        noise = torch.stack([torch.rand(scores.shape[1], generator=g, dtype=torch.float64) for g in self.generators])
+        tiny = torch.finfo(torch.float64).tiny
+        gumbel = -torch.log(-torch.log(noise.clamp(min=tiny, max=1.0 - 1e-16)))
+        return (scores.double() / self.temperature + gumbel.to(scores.device)).to(scores.dtype)
+
+
+@dataclass
+class Completions:
+    prompt_ids: torch.Tensor  # [N, P] int64, left-padded
+    prompt_mask: torch.Tensor  # [N, P] 1 on prompt tokens
+    completion_ids: torch.Tensor  # [N, L] int64, right-padded with pad_token_id
+    completion_mask: torch.Tensor  # [N, L] 1 up to and including the stop token
+    texts: list[str]  # decoded completions (up to the stop)
+
+
+def completion_length(ids: list[int], tokenizer, eos_ids: set[int], stop_strings: tuple[str, ...]) -> int:
+    """Tokens that belong to the completion: up to the first EOS or the end of a stop string."""
+    end = len(ids)
+    for i, tok in enumerate(ids):
+        if tok in eos_ids:
+            end = i + 1
+            break
+    if not stop_strings:
+        return end
+
+    def has_stop(k: int) -> bool:
+        text = tokenizer.decode(ids[:k], skip_special_tokens=False)
+        return any(s in text for s in stop_strings)
+
+    if not has_stop(end):
+        return end
+    lo, hi = 1, end  # smallest k with has_stop(k); monotone in k
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if has_stop(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for source in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source is not None:
+            ids.update(source)
+    return ids
+
+
+@torch.no_grad()
+def sample(
+    model,
+    tokenizer,
+    prompts: list[str],
+    seeds: list[int],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    stop_strings: tuple[str, ...],
+    max_prompt_tokens: int,
+) -> Completions:
+    """One completion per (prompt, seed) pair; repeat a prompt G times for a group."""
+    assert len(prompts) == len(seeds)
+    device = next(model.parameters()).device
+    enc = tokenizer(
+        prompts,
+        return_tensors="pt",
+        padding=True,
+        truncation=True,
+        max_length=max_prompt_tokens,
+        add_special_tokens=False,
+    ).to(device)
+    eos = eos_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(
+            input_ids=enc["input_ids"],
+            attention_mask=enc["attention_mask"],
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=0,
+            do_sample=False,
+            num_beams=1,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            repetition_penalty=1.0,
+            logits_processor=LogitsProcessorList([GumbelSampler(seeds, temperature)]),
+            stop_strings=list(stop_strings) or None,
+            tokenizer=tokenizer,
+            eos_token_id=sorted(eos),
+            pad_token_id=pad_id,
+            use_cache=True,
+        )
+    finally:
+        model.train(was_training)
+    prompt_len = enc["input_ids"].shape[1]
+    gen = out[:, prompt_len:].cpu()
+    lengths = [completion_length(row.tolist(), tokenizer, eos, stop_strings) for row in gen]
+    width = max(1, max(lengths))
+    completion_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    completion_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, n in enumerate(lengths):
+        completion_ids[i, :n] = gen[i, :n]
+        completion_mask[i, :n] = 1
+    texts = [tokenizer.decode(completion_ids[i, :n], skip_special_tokens=True) for i, n in enumerate(lengths)]
+    return Completions(
+        prompt_ids=enc["input_ids"].cpu(),
+        prompt_mask=enc["attention_mask"].cpu(),
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        texts=texts,
+    )

@@ -1,0 +1,210 @@
+"""The Dr-GRPO training loop. One step, top to bottom:
+
+    records = scheduler.sample(rank)              # disjoint prompts per rank, EMA pass-rate buckets
+    rollout = collect(policy, records)            # G samples/prompt, rewards, A = r − mean_group(r),
+                                                  # drop groups with all-equal rewards, refill to buffer
+    for epoch in ppo_epochs:
+      for i, mb in enumerate(microbatches(rollout)):      # grad_accum = buffer / (world × micro)
+          with no_sync unless last: loss(mb).backward()
+          probes.on_after_backward(ctx)           # local, per-microbatch gradients (GNS small batch)
+      probes.on_before_optimizer_step(ctx)        # synced gradient (GNS big batch); snapshot params
+      clip; optimizer.step(); lr_scheduler.step()
+      probes.on_after_optimizer_step(ctx)         # Δθ = θ_new − θ_old (exact, any optimizer)
+      optimizer.zero_grad()                       # only after the probes ran
+    stats = probes.reduce()                       # ONE all_reduce for all sum-stats of all probes
+    logger.log_dict(stats | train_stats, step)    # rank 0: TensorBoard + logs/train_log.jsonl
+
+Randomness is keyed by (seed, step, ...) rather than drawn from a running stream, so a step
+is a function of the parameters and the step number alone: one process and N ranks draw the
+same global batch, and a resumed run repeats what the uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from probes.base import SetupContext, StepContext
+from probes.manager import ProbeManager
+from rl_training import policy, rollout
+from rl_training.algs.dr_grpo import dr_grpo_loss
+from rl_training.config import RunConfig, grad_accum
+from rl_training.dist import DistInfo
+from rl_training.sampling import stable_seed
+
+
+def build_optimizer(model, cfg: RunConfig):
+    t = cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
+
+    def factor(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / (t.warmup_steps + 1)
+        if t.schedule == "cosine":
+            progress = (step - t.warmup_steps) / max(1, t.total_steps - t.warmup_steps)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+# Per-step sums reduced across ranks in one collective; (name, reduce).
+_TRAIN_STATS = (
+    ("loss", "sum"), ("tokens", "sum"), ("entropy_sum", "sum"), ("surprisal_sum", "sum"),
+    ("clipped", "sum"), ("ppo_tokens", "sum"), ("kl_sum", "sum"),
+    ("sequences", "sum"), ("reward_sum", "sum"), ("pass_sum", "sum"), ("format_sum", "sum"),
+    ("completion_tokens", "sum"), ("groups", "sum"), ("groups_rejected", "sum"),
+    ("underfilled_groups", "sum"), ("rounds", "max"), ("completion_len_max", "max"),
+    ("rollout_seconds", "max"),
+)
+
+
+@dataclass
+class StepOutput:
+    step: int
+    metrics: dict[str, float]
+    batch: rollout.RolloutBatch
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, world: DistInfo, model, tokenizer, scheduler, prompt_fn, reward_fn, probes: ProbeManager):
+        self.cfg, self.world = cfg, world
+        self.policy = model  # PeftModel; generation and probes use it unwrapped
+        self.tokenizer = tokenizer
+        self.scheduler, self.prompt_fn, self.reward_fn = scheduler, prompt_fn, reward_fn
+        self.probes = probes
+        self.accum = grad_accum(cfg, world.world_size)
+        self.ddp = DDP(model, device_ids=None) if world.enabled else None
+        self.optimizer, self.lr_scheduler = build_optimizer(model, cfg)
+        self.step = 0  # optimizer steps done
+        self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        probes.setup(SetupContext(cfg, world, model, tokenizer, {}))
+
+    # ------------------------------------------------------------------------------ step
+    def train_step(self) -> StepOutput:
+        cfg, world, step = self.cfg, self.world, self.step + 1
+        t_step = time.perf_counter()
+        self.probes.begin_step(step)
+
+        self.policy.eval()  # no dropout in rollouts
+        batch = rollout.collect(
+            self.policy, self.tokenizer, self.scheduler, self.prompt_fn, self.reward_fn, cfg, step=step, world=world
+        )
+        rollout.add_logprobs(self.policy, batch, cfg)
+        self.policy.train()
+        torch.manual_seed(stable_seed(cfg.seed, "train", step, world.rank))  # LoRA dropout
+
+        sums = dict.fromkeys(name for name, _ in _TRAIN_STATS, 0.0)
+        ctx = StepContext(step, self.policy, self.optimizer, self.lr_scheduler.get_last_lr()[0], batch, world, cfg)
+        micro = cfg.train.microbatch_size
+        grad_norm = 0.0
+        for epoch in range(cfg.train.ppo_epochs):
+            for i in range(self.accum):
+                mb = batch.select(slice(i * micro, (i + 1) * micro))
+                with self._no_sync(i < self.accum - 1):
+                    terms, ent, surprisal = self._microbatch_loss(mb)
+                    terms.loss.backward()
+                self._accumulate(sums, terms, ent, surprisal, first_epoch=epoch == 0)
+                self.probes.on_after_backward(
+                    ctx.replace(microbatch=mb, microbatch_index=i, num_microbatches=self.accum)
+                )
+            self.probes.on_before_optimizer_step(ctx)
+            snapshot = (
+                {n: p.detach().clone() for n, p in self.trainable.items()} if self.probes.wants_param_snapshot else None
+            )
+            if cfg.train.grad_clip > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), cfg.train.grad_clip))
+            else:
+                grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.trainable.values()])))
+            lr = self.lr_scheduler.get_last_lr()[0]
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.probes.on_after_optimizer_step(ctx.replace(params_before=snapshot))
+            self.optimizer.zero_grad(set_to_none=True)
+
+        self.step = step
+        self._add_rollout_stats(sums, batch.stats)
+        metrics = self._reduce_metrics(sums)
+        metrics.update(self.probes.reduce(world))
+        metrics.update({"train/grad_norm": grad_norm, "train/lr": lr, "time/step_s": time.perf_counter() - t_step})
+        return StepOutput(step, metrics, batch)
+
+    # ------------------------------------------------------------------------------ pieces
+    def _microbatch_loss(self, mb: rollout.RolloutBatch):
+        cfg = self.cfg
+        model = self.ddp if self.ddp is not None else self.policy
+        logits = policy.completion_logits(model, *mb.tensors, cfg.rollout.temperature)
+        logp = policy.token_logprobs(logits, mb.completion_ids)
+        mask = mb.completion_mask.to(logp.device)
+        with torch.no_grad():
+            ent = (policy.token_entropy(logits) * mask).sum()
+            surprisal = -(logp * mask).sum()
+        old = mb.old_logp.to(logp.device) if mb.old_logp is not None else logp.detach()
+        ref = mb.ref_logp.to(logp.device) if mb.ref_logp is not None else None
+        # DDP averages gradients over ranks; the loss divides by N·L over the whole step, so
+        # each rank divides by N/world to make the average the global sum / (N·L).
+        terms = dr_grpo_loss(
+            logp, old, mb.advantages.to(logp.device), mask,
+            num_sequences=cfg.train.buffer_size / self.world.world_size,
+            l_budget=cfg.rollout.max_new_tokens,
+            eps_low=cfg.train.eps_low, eps_high=cfg.train.eps_high,
+            ref_logp=ref, kl_beta=cfg.train.kl_beta,
+        )
+        return terms, ent, surprisal
+
+    def _accumulate(self, sums, terms, ent, surprisal, first_epoch: bool) -> None:
+        # Report the loss of the global step (undo the per-rank ×world) averaged over epochs.
+        sums["loss"] += float(terms.loss) / self.world.world_size / self.cfg.train.ppo_epochs
+        sums["clipped"] += float(terms.clipped_tokens)
+        sums["ppo_tokens"] += float(terms.tokens)
+        if first_epoch:
+            sums["tokens"] += float(terms.tokens)
+            sums["entropy_sum"] += float(ent)
+            sums["surprisal_sum"] += float(surprisal)
+            sums["kl_sum"] += float(terms.kl_sum)
+
+    def _add_rollout_stats(self, sums, st: rollout.RolloutStats) -> None:
+        for name in ("sequences", "reward_sum", "pass_sum", "format_sum", "completion_tokens", "groups",
+                     "groups_rejected", "underfilled_groups", "rounds", "completion_len_max"):
+            sums[name] += float(getattr(st, name))
+        sums["rollout_seconds"] = st.seconds
+
+    def _reduce_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        names = [n for n, _ in _TRAIN_STATS]
+        local = torch.tensor([sums[n] for n in names], dtype=torch.float64)
+        if self.world.enabled:  # one collective: gather all, reduce each column its own way
+            gathered = [torch.zeros_like(local) for _ in range(self.world.world_size)]
+            torch.distributed.all_gather(gathered, local)
+            stacked = torch.stack(gathered)
+        else:
+            stacked = local.unsqueeze(0)
+        s = {n: float(stacked[:, j].max() if red == "max" else stacked[:, j].sum()) for j, (n, red) in enumerate(_TRAIN_STATS)}
+        div = lambda a, b: a / b if b else float("nan")  # noqa: E731
+        return {
+            "train/loss": s["loss"],
+            "train/entropy": div(s["entropy_sum"], s["tokens"]),
+            "train/surprisal": div(s["surprisal_sum"], s["tokens"]),
+            "train/clip_frac": div(s["clipped"], s["ppo_tokens"]),
+            "train/kl": div(s["kl_sum"], s["tokens"]),
+            "rollout/reward_mean": div(s["reward_sum"], s["sequences"]),
+            "rollout/pass_rate": div(s["pass_sum"], s["sequences"]),
+            "rollout/format_rate": div(s["format_sum"], s["sequences"]),
+            "rollout/completion_len_mean": div(s["completion_tokens"], s["sequences"]),
+            "rollout/completion_len_max": s["completion_len_max"],
+            "rollout/groups_rejected_frac": div(s["groups_rejected"], s["groups"]),
+            "rollout/underfilled_groups": s["underfilled_groups"],
+            "rollout/rounds": s["rounds"],
+            "time/rollout_s": s["rollout_seconds"],
+            "time/tokens_per_s": div(s["completion_tokens"], s["rollout_seconds"]),
+        }
+
+    def _no_sync(self, skip_sync: bool):
+        if self.ddp is not None and skip_sync:
+            return self.ddp.no_sync()
+        return contextlib.nullcontext()
