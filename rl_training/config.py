@@ -44,7 +44,7 @@ class DataConfig:
     num_records: int | None = None
     level: int = 1  # arithmetic difficulty, 1..5
     eval_fraction: float = 0.1  # held-out prompts for E-batches (probes), disjoint from training
-    reward: str = "flexible"  # strict | flexible
+    reward: str = "flexible"  # strict | flexible | dotted.path.to.function
     use_chat_template: bool = True
     max_prompt_tokens: int = 256
 
@@ -165,6 +165,12 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # PyYAML (YAML 1.1) reads "1e-5" without a dot as a string.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{where}: '{key}' must be true/false, got {value!r}")
     if tp is int and isinstance(value, bool):
@@ -266,7 +272,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _check(0.0 <= m.lora.dropout < 1.0, "model.lora.dropout", "must be in [0, 1)")
     _check(len(m.lora.target_modules) > 0, "model.lora.target_modules", "must name at least one module")
     _check(d.task in ("arithmetic", "gsm8k"), "data.task", f"must be arithmetic|gsm8k, got {d.task!r}")
-    _check(d.reward in ("strict", "flexible"), "data.reward", f"must be strict|flexible, got {d.reward!r}")
+    _check(d.reward in ("strict", "flexible") or "." in d.reward, "data.reward",
+           f"must be strict|flexible or a dotted path module.function, got {d.reward!r}")
     _check(1 <= d.level <= 5, "data.level", "must be in 1..5")
     _check(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
     _check(d.num_records is None or d.num_records > 0, "data.num_records", "must be > 0")

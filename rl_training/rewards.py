@@ -11,6 +11,7 @@ Numbers are compared exactly as ``fractions.Fraction`` values, so "1,234" == "12
 
 from __future__ import annotations
 
+import importlib
 import re
 from dataclasses import asdict, dataclass
 from decimal import Decimal, localcontext
@@ -171,9 +172,20 @@ REWARD_FNS: dict[str, RewardFn] = {"strict": strict_reward, "flexible": flexible
 
 
 def get_reward_fn(name: str) -> RewardFn:
-    """The reward function registered under ``name``."""
-    try:
+    """A registered reward (``strict``, ``flexible``) or a user's function by dotted path.
+
+    A user's function takes (completion, gold) and returns a ``RewardBreakdown``.
+    """
+    if name in REWARD_FNS:
         return REWARD_FNS[name]
-    except KeyError:
-        valid = ", ".join(sorted(REWARD_FNS))
-        raise ConfigError(f"unknown reward {name!r}; valid: {valid}") from None
+    if "." in name:
+        module, _, attr = name.rpartition(".")
+        try:
+            fn = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(f"data.reward '{name}' cannot be imported: {e}") from None
+        if not callable(fn):
+            raise ConfigError(f"data.reward '{name}' is not callable")
+        return fn
+    valid = ", ".join(sorted(REWARD_FNS))
+    raise ConfigError(f"unknown reward {name!r}; valid: {valid}, or a dotted path module.function") from None

@@ -127,11 +127,20 @@ def fit(session: Session, num_steps: int | None = None) -> dict:
         writer.close()
         logger.close()
     summary = summarize(history, time.perf_counter() - t0, trainer.step)
+    summary["world_size"] = world.world_size
+    summary["rank_param_max_abs_diff"] = rank_param_divergence(trainer.policy, world)
     if world.is_main:
         trainer.policy.save_pretrained(str(run_dir / "final_adapter"))
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     world.barrier()
     return summary
+
+
+def rank_param_divergence(model, world: DistInfo) -> float:
+    """max |θ_rank − θ_rank0| over trainable parameters: DDP must keep it exactly 0."""
+    flat = torch.cat([p.detach().flatten().cpu().double() for p in model.parameters() if p.requires_grad])
+    copies = world.all_gather_object(flat)
+    return max(float((c - copies[0]).abs().max()) for c in copies)
 
 
 def summarize(history: list[dict], seconds: float, step: int) -> dict:

@@ -100,7 +100,7 @@ class Trainer:
         self.policy.train()
         torch.manual_seed(stable_seed(cfg.seed, "train", step, world.rank))  # LoRA dropout
 
-        sums = dict.fromkeys(name for name, _ in _TRAIN_STATS, 0.0)
+        sums = dict.fromkeys((name for name, _ in _TRAIN_STATS), 0.0)
         ctx = StepContext(step, self.policy, self.optimizer, self.lr_scheduler.get_last_lr()[0], batch, world, cfg)
         micro = cfg.train.microbatch_size
         grad_norm = 0.0
@@ -160,7 +160,7 @@ class Trainer:
 
     def _accumulate(self, sums, terms, ent, surprisal, first_epoch: bool) -> None:
         # Report the loss of the global step (undo the per-rank ×world) averaged over epochs.
-        sums["loss"] += float(terms.loss) / self.world.world_size / self.cfg.train.ppo_epochs
+        sums["loss"] += float(terms.loss.detach()) / self.world.world_size / self.cfg.train.ppo_epochs
         sums["clipped"] += float(terms.clipped_tokens)
         sums["ppo_tokens"] += float(terms.tokens)
         if first_epoch:

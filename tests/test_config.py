@@ -1,0 +1,68 @@
+from pathlib import Path
+
+import pytest
+
+from rl_training.config import grad_accum, load_config, parse_overrides
+from rl_training.errors import ConfigError
+
+CFG = Path(__file__).resolve().parents[1] / "cfg"
+
+
+@pytest.mark.parametrize("name", ["tiny_test.yaml", "smollm2_cpu_demo.yaml", "qwen2_5_1_5b_gsm8k_2xh100.yaml"])
+def test_shipped_configs_validate(name):
+    load_config(CFG / name)
+
+
+def test_qwen_config_is_the_original_setting():
+    cfg = load_config(CFG / "qwen2_5_1_5b_gsm8k_2xh100.yaml")
+    assert (cfg.train.buffer_size, cfg.train.microbatch_size, cfg.train.lr) == (256, 4, 1e-6)
+    assert cfg.rollout.max_new_tokens == 200 and cfg.model.dtype == "bfloat16"
+    assert grad_accum(cfg, 2) == 32
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("train:\n  learning_rate: 1e-5\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*'train.learning_rate'"):
+        load_config(f)
+
+
+def test_unknown_override_key_is_rejected():
+    with pytest.raises(ConfigError, match="'rollout.top_q'"):
+        load_config(CFG / "tiny_test.yaml", ["rollout.top_q=0.5"])
+
+
+def test_wrong_type_names_key(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("train:\n  total_steps: many\n")
+    with pytest.raises(ConfigError, match="'train.total_steps' must be int"):
+        load_config(f)
+    with pytest.raises(ConfigError, match="'logging.progress_bar' must be true/false"):
+        load_config(CFG / "tiny_test.yaml", ["logging.progress_bar=3"])
+
+
+def test_overrides_are_typed_and_ints_accepted_for_floats():
+    cfg = load_config(CFG / "tiny_test.yaml", ["train.lr=1e-4", "train.eps_high=1", "model.lora.target_modules=[q_proj]"])
+    assert cfg.train.lr == 1e-4 and isinstance(cfg.train.eps_high, float)
+    assert cfg.model.lora.target_modules == ["q_proj"]
+    assert parse_overrides(["a.b=[1, 2]", "c=null"]) == [("a.b", [1, 2]), ("c", None)]
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["train.lr"])
+
+
+def test_truncated_sampling_is_refused():
+    with pytest.raises(ConfigError, match="rollout.top_p"):
+        load_config(CFG / "tiny_test.yaml", ["rollout.top_p=0.9"])
+    with pytest.raises(ConfigError, match="rollout.top_k"):
+        load_config(CFG / "tiny_test.yaml", ["rollout.top_k=50"])
+
+
+def test_buffer_not_divisible_is_an_error():
+    cfg = load_config(CFG / "tiny_test.yaml", ["train.buffer_size=12"])
+    with pytest.raises(ConfigError, match="train.buffer_size.*divisible"):
+        grad_accum(cfg, 2)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config("nope.yaml")
