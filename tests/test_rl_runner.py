@@ -1,0 +1,57 @@
+"""Bad input: one clear line on stderr, exit code 2, and no run directory left behind."""
+
+import pytest
+
+from runners.rl_runner import main
+from tests.helpers.runs import TINY
+
+
+def run_bad(tmp_path, capsys, *overrides, cfg=TINY):
+    out = tmp_path / "runs"
+    code = main(["--cfg", str(cfg), f"output_dir={out}", *overrides])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert not out.exists(), "a failed start must not leave a run directory"
+    return err[-1]
+
+
+def test_unknown_key(tmp_path, capsys):
+    assert "unknown config key 'train.lrate'" in run_bad(tmp_path, capsys, "train.lrate=1")
+
+
+def test_missing_config_file(tmp_path, capsys):
+    assert "config file not found" in run_bad(tmp_path, capsys, cfg=tmp_path / "nope.yaml")
+
+
+def test_buffer_not_divisible(tmp_path, capsys):
+    assert "'train.buffer_size' (10) must be divisible" in run_bad(tmp_path, capsys, "train.buffer_size=10")
+
+
+def test_missing_model_path(tmp_path, capsys):
+    line = run_bad(tmp_path, capsys, f"model.name_or_path={tmp_path}/no_such_model")
+    assert "no_such_model" in line
+
+
+def test_broken_gguf(tmp_path, capsys):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    line = run_bad(tmp_path, capsys, f"model.name_or_path={bad}", f"model.cache_dir={tmp_path}/cache")
+    assert "broken.gguf" in line
+
+
+def test_missing_data_path(tmp_path, capsys):
+    line = run_bad(tmp_path, capsys, "data.task=gsm8k", f"data.path={tmp_path}/missing.jsonl")
+    assert "missing.jsonl" in line
+
+
+def test_malformed_jsonl_line_names_file_and_line(tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    good = '{"question": "What is 1 + 1?", "answer": "1 + 1 = 2 #### 2"}'
+    data.write_text(good + "\n" + good.replace("1 + 1", "2 + 2").replace("#### 2", "#### 4") + "\n{not json\n")
+    line = run_bad(tmp_path, capsys, "data.task=gsm8k", f"data.path={data}")
+    assert f"{data}:3" in line
+
+
+@pytest.mark.parametrize("override", ["rollout.top_p=0.95", "rollout.top_k=20"])
+def test_truncated_sampling_refused(tmp_path, capsys, override):
+    assert "full-vocabulary" in run_bad(tmp_path, capsys, override)
