@@ -98,6 +98,12 @@ class LoggingConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    save_every: int = 0  # steps between checkpoints; 0: only at the end and on SIGTERM/SIGINT
+    keep_last_n: int = 3  # 0 keeps every checkpoint
+
+
+@dataclass
 class ProbeSpec:
     name: str = ""
     kind: str = ""
@@ -122,6 +128,7 @@ class RunConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     probes: ProbesConfig = field(default_factory=ProbesConfig)
 
 
@@ -297,6 +304,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _check(t.kl_beta >= 0, "train.kl_beta", "must be >= 0")
     _check(t.backend in ("auto", "gloo", "nccl"), "train.backend", f"must be auto|gloo|nccl, got {t.backend!r}")
     _check(0.0 <= cfg.logging.rollout_fraction <= 1.0, "logging.rollout_fraction", "must be in [0, 1]")
+    _check(cfg.checkpoint.save_every >= 0, "checkpoint.save_every", "must be >= 0")
+    _check(cfg.checkpoint.keep_last_n >= 0, "checkpoint.keep_last_n", "must be >= 0")
     names = [p.name for p in cfg.probes.probes]
     for i, p in enumerate(cfg.probes.probes):
         _check(bool(p.name) and bool(p.kind), f"probes.probes[{i}]", "needs a name and a kind")

@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Protocol
 
 
+TRAIN_LOG = "train_log.jsonl"
+
+
 class MetricLogger(Protocol):
     def log_dict(self, payload: dict[str, float], step: int) -> None: ...
     def log_text(self, tag: str, text: str, step: int) -> None: ...
@@ -42,10 +45,11 @@ class JsonlLogger:
 
 
 class TensorBoardLogger:
-    def __init__(self, log_dir: Path):
+    def __init__(self, log_dir: Path, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self._w = SummaryWriter(log_dir=str(log_dir))
+        # purge_step drops events a crashed run logged past the checkpoint we resume from.
+        self._w = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def log_dict(self, payload: dict[str, float], step: int) -> None:
         for k, v in payload.items():
@@ -76,10 +80,24 @@ class MultiLogger:
             lg.close()
 
 
-def build_logger(run_dir: Path, is_main: bool) -> MultiLogger:
+def build_logger(run_dir: Path, is_main: bool, purge_step: int | None = None) -> MultiLogger:
     if not is_main:
         return MultiLogger([])
-    return MultiLogger([JsonlLogger(run_dir / "logs" / "train_log.jsonl"), TensorBoardLogger(run_dir / "tensorboard")])
+    tb = TensorBoardLogger(run_dir / "tensorboard", purge_step if purge_step and purge_step > 1 else None)
+    return MultiLogger([JsonlLogger(run_dir / "logs" / TRAIN_LOG), tb])
+
+
+def truncate_logs(run_dir: Path, after_step: int) -> None:
+    """Drop JSONL rows of steps > ``after_step`` (a crashed run may have logged past its
+    last checkpoint), so that a resumed run's logs read as one continuous run."""
+    for path in list((run_dir / "logs").glob("*.jsonl")) + list((run_dir / "logs").glob("*.jsonl.gz")):
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt") as f:
+            rows = [line for line in f if line.strip() and json.loads(line)["step"] <= after_step]
+        tmp = path.with_name(path.name + ".tmp")
+        with opener(tmp, "wt") as f:
+            f.writelines(rows)
+        tmp.replace(path)
 
 
 class RolloutWriter:
@@ -92,11 +110,12 @@ class RolloutWriter:
         self._f = gzip.open(path, "at") if use_gzip else open(path, "a")
         self.fraction = fraction
         self.rank = rank
-        self._rng = random.Random(f"{seed}/rollout-log/{rank}")
+        self.seed = seed
 
     def write(self, batch, step: int) -> None:
+        rng = random.Random(f"{self.seed}/rollout-log/{self.rank}/{step}")  # same rows after a resume
         for i in range(len(batch)):
-            if self.fraction < 1.0 and self._rng.random() >= self.fraction:
+            if self.fraction < 1.0 and rng.random() >= self.fraction:
                 continue
             row = {
                 "step": step,

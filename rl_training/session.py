@@ -7,8 +7,11 @@ run directory is created, so a bad input never leaves a run directory behind.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
+import signal
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,13 +20,14 @@ from pathlib import Path
 import torch
 
 from probes.manager import ProbeManager
-from rl_training import models
-from rl_training.config import RunConfig, dump_yaml, validate
+from rl_training import checkpoint, faults, models
+from rl_training.config import RunConfig, dump_yaml, load_config, validate
 from rl_training.data.prompts import build_prompt
 from rl_training.data.records import Record, load_task, split_records
 from rl_training.data.scheduler import DifficultyScheduler
 from rl_training.dist import DistInfo
-from rl_training.loggers import RolloutWriter, build_logger
+from rl_training.errors import UserError
+from rl_training.loggers import RolloutWriter, build_logger, truncate_logs
 from rl_training.rewards import get_reward_fn
 from rl_training.trainer import Trainer
 
@@ -74,6 +78,58 @@ def build_session(cfg: RunConfig, world: DistInfo) -> Session:
     return Session(cfg, world, trainer, train_records, eval_records)
 
 
+def resume_session(
+    run_dir: Path, world: DistInfo, *, which: str | int = "latest", additional_steps: int | None = None,
+    new_run_dir: bool = False, overrides: list[str] = (),
+) -> tuple[Session, int]:
+    """A session restored from run_dir/checkpoints/<which>; returns it and the step to stop at."""
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise UserError(f"not a run directory (no config.yaml): {run_dir}")
+    ckpt = checkpoint.resolve(run_dir / "checkpoints", which)
+    cfg = load_config(cfg_path, list(overrides))
+    session = build_session(cfg, world)
+    session.trainer.load_checkpoint(ckpt)
+    step = session.trainer.step
+    last = step + additional_steps if additional_steps is not None else cfg.train.total_steps
+    if cfg.train.schedule == "cosine" and last > cfg.train.total_steps:
+        log.warning("cosine schedule ends at train.total_steps=%d; steps beyond it run at lr 0", cfg.train.total_steps)
+    if new_run_dir:
+        session.run_dir = create_run_dir(dataclasses.replace(cfg, run_name=None), world)
+    else:
+        session.run_dir = run_dir
+        if world.is_main:
+            truncate_logs(run_dir, step)
+        world.barrier()
+    log.info("resumed %s at step %d; training to step %d in %s", ckpt, step, last, session.run_dir)
+    return session, last
+
+
+def elastic_marker(cfg: RunConfig) -> Path | None:
+    """Under torchrun, a file naming this job's run directory, so a restarted job finds it."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    key = "_".join(os.environ.get(k, "") for k in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT"))
+    return Path(cfg.output_dir) / ".torchelastic" / key.replace("/", "_")
+
+
+def start_or_restart(cfg: RunConfig, world: DistInfo) -> tuple[Session, int]:
+    """A new run, or — when torchrun restarted the workers — the same run from its latest checkpoint."""
+    marker = elastic_marker(cfg)
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if restarted and marker is not None and marker.is_file():
+        run_dir = Path(marker.read_text().strip())
+        if (run_dir / "checkpoints" / checkpoint.LATEST_FILE).is_file():
+            log.warning("torchrun restart: resuming %s from its latest checkpoint", run_dir)
+            return resume_session(run_dir, world)
+    session = build_session(cfg, world)
+    session.run_dir = create_run_dir(cfg, world)
+    if world.is_main and marker is not None:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(str(session.run_dir.resolve()) + "\n")
+    return session, cfg.train.total_steps
+
+
 def create_run_dir(cfg: RunConfig, world: DistInfo) -> Path:
     """runs/run_<timestamp>/ chosen by rank 0 and shared with the other ranks."""
     name = cfg.run_name or f"run_{datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}"
@@ -90,13 +146,38 @@ def create_run_dir(cfg: RunConfig, world: DistInfo) -> Path:
     return Path(world.all_gather_object(str(run_dir))[0])
 
 
-def fit(session: Session, num_steps: int | None = None) -> dict:
-    """Run ``num_steps`` (default: up to train.total_steps) steps with logging; returns a summary."""
+class GracefulStop:
+    """SIGTERM/SIGINT set a flag; the loop finishes its step, checkpoints and exits 0."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        log.warning("received %s: finishing the current step, then checkpointing", signal.Signals(signum).name)
+        self.requested = True
+
+    def agreed(self, world: DistInfo) -> bool:
+        """Stop on every rank if any rank was signalled (ranks must stop at the same step)."""
+        flag = torch.tensor([float(self.requested)])
+        return bool(world.all_reduce_max(flag).item() > 0)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def fit(session: Session, last_step: int | None = None) -> dict:
+    """Train until ``last_step`` (default train.total_steps) with logging and checkpoints."""
     cfg, world, trainer, run_dir = session.cfg, session.world, session.trainer, session.run_dir
     assert run_dir is not None
-    logger = build_logger(run_dir, world.is_main)
+    last = cfg.train.total_steps if last_step is None else last_step
+    ckpt_root = run_dir / "checkpoints"
+    logger = build_logger(run_dir, world.is_main, purge_step=trainer.step + 1)
     writer = RolloutWriter(run_dir, world.rank, cfg.logging.rollout_fraction, cfg.logging.rollout_gzip, cfg.seed)
-    last = cfg.train.total_steps if num_steps is None else trainer.step + num_steps
+    stop = GracefulStop()
     bar = None
     if world.is_main and cfg.logging.progress_bar:
         from tqdm import tqdm
@@ -106,22 +187,23 @@ def fit(session: Session, num_steps: int | None = None) -> dict:
     t0 = time.perf_counter()
     try:
         while trainer.step < last:
+            faults.step_start(world.rank, trainer.step + 1)
             out = trainer.train_step()
             writer.write(out.batch, out.step)
             logger.log_dict(out.metrics, out.step)
-            for i in range(min(cfg.logging.text_samples, len(out.batch))):
-                b = out.batch
-                logger.log_text(
-                    "rollouts",
-                    f"**reward {b.rewards[i]:.2f}, advantage {b.advantages[i]:+.2f}**\n\n"
-                    f"```\n{b.prompts[i][-300:]}\n```\n\n```\n{b.texts[i]}\n```",
-                    out.step,
-                )
+            _log_samples(logger, out, cfg.logging.text_samples)
             history.append(out.metrics)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(reward=f"{out.metrics['rollout/reward_mean']:.3f}", loss=f"{out.metrics['train/loss']:.4f}")
+            stopping = stop.agreed(world)
+            every = cfg.checkpoint.save_every
+            if stopping or trainer.step == last or (every and trainer.step % every == 0):
+                trainer.save_checkpoint(ckpt_root)
+            if stopping:
+                break
     finally:
+        stop.restore()
         if bar is not None:
             bar.close()
         writer.close()
@@ -129,11 +211,24 @@ def fit(session: Session, num_steps: int | None = None) -> dict:
     summary = summarize(history, time.perf_counter() - t0, trainer.step)
     summary["world_size"] = world.world_size
     summary["rank_param_max_abs_diff"] = rank_param_divergence(trainer.policy, world)
+    summary["stopped_by_signal"] = stop.requested
     if world.is_main:
-        trainer.policy.save_pretrained(str(run_dir / "final_adapter"))
+        if trainer.step == last:
+            trainer.policy.save_pretrained(str(run_dir / "final_adapter"))
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     world.barrier()
     return summary
+
+
+def _log_samples(logger, out, n: int) -> None:
+    b = out.batch
+    for i in range(min(n, len(b))):
+        logger.log_text(
+            "rollouts",
+            f"**reward {b.rewards[i]:.2f}, advantage {b.advantages[i]:+.2f}**\n\n"
+            f"```\n{b.prompts[i][-300:]}\n```\n\n```\n{b.texts[i]}\n```",
+            out.step,
+        )
 
 
 def rank_param_divergence(model, world: DistInfo) -> float:

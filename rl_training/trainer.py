@@ -31,9 +31,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from probes.base import SetupContext, StepContext
 from probes.manager import ProbeManager
-from rl_training import policy, rollout
+from rl_training import checkpoint, policy, rollout
 from rl_training.algs.dr_grpo import dr_grpo_loss
-from rl_training.config import RunConfig, grad_accum
+from rl_training.config import RunConfig, grad_accum, to_dict
 from rl_training.dist import DistInfo
 from rl_training.sampling import stable_seed
 
@@ -134,6 +134,41 @@ class Trainer:
         metrics.update(self.probes.reduce(world))
         metrics.update({"train/grad_norm": grad_norm, "train/lr": lr, "time/step_s": time.perf_counter() - t_step})
         return StepOutput(step, metrics, batch)
+
+    # ------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """What a checkpoint needs beyond weights, optimizer and LR scheduler (rank-independent)."""
+        return {
+            checkpoint.STEP_KEY: self.step,
+            checkpoint.DATA_KEY: self.scheduler.state_dict(),
+            checkpoint.PROBES_KEY: self.probes.state_dict(),
+        }
+
+    def save_checkpoint(self, ckpt_root) -> None:
+        """Every rank calls this; rank 0 writes, with the RNG states of all ranks."""
+        rng = self.world.all_gather_object(checkpoint.rng_state())
+        if self.world.is_main:
+            state = {
+                **self.state_dict(),
+                checkpoint.RNG_KEY: rng,
+                checkpoint.WORLD_SIZE_KEY: self.world.world_size,
+                checkpoint.CONFIG_KEY: to_dict(self.cfg),
+            }
+            checkpoint.save(
+                ckpt_root, self.step, model=self.policy, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
+                trainer_state=state, keep_last_n=self.cfg.checkpoint.keep_last_n,
+            )
+        self.world.barrier()
+
+    def load_checkpoint(self, path) -> None:
+        state = checkpoint.load_into(path, model=self.policy, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler)
+        self.step = int(state[checkpoint.STEP_KEY])
+        self.scheduler.load_state_dict(state[checkpoint.DATA_KEY])
+        self.probes.load_state_dict(state[checkpoint.PROBES_KEY])
+        rngs = state[checkpoint.RNG_KEY]
+        # Sampling and dropout are keyed by (seed, step), so the restored streams matter only
+        # to code outside the trainer; a different world size restores rank 0's.
+        checkpoint.set_rng_state(rngs[self.world.rank] if len(rngs) == self.world.world_size else rngs[0])
 
     # ------------------------------------------------------------------------------ pieces
     def _microbatch_loss(self, mb: rollout.RolloutBatch):

@@ -17,7 +17,7 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
 from rl_training import dist  # noqa: E402
 from rl_training.config import load_config  # noqa: E402
 from rl_training.errors import UserError  # noqa: E402
-from rl_training.session import build_session, create_run_dir, fit  # noqa: E402
+from rl_training.session import fit, start_or_restart  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -36,19 +36,22 @@ def main(argv=None) -> int:
         world = dist.init(cfg.train.backend)
         if not world.is_main:
             logging.getLogger().setLevel(logging.WARNING)
-        session = build_session(cfg, world)
-        session.run_dir = create_run_dir(cfg, world)
-        summary = fit(session)
+        session, last = start_or_restart(cfg, world)
+        summary = fit(session, last)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
         dist.shutdown()
+    report(world, session, summary)
+    return 0
+
+
+def report(world, session, summary: dict) -> None:
     if world.is_main:
         print(json.dumps(summary, indent=2))
         print(f"run directory: {session.run_dir}")
         print(f"TensorBoard:   tensorboard --logdir {session.run_dir / 'tensorboard'}")
-    return 0
 
 
 if __name__ == "__main__":

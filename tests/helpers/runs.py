@@ -29,16 +29,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_torchrun(tmp_path: Path, nproc: int, *overrides: str, cfg: Path = TINY, timeout: int = 600) -> Path:
-    out = tmp_path / "runs"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [
+def torchrun_cmd(nproc: int, script: str, *args: str, torchrun_args: tuple[str, ...] = ()) -> list[str]:
+    return [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-        str(REPO / "runners" / "rl_runner.py"), "--cfg", str(cfg), f"output_dir={out}", "run_name=run", *overrides,
+        *torchrun_args, str(REPO / "runners" / script), *args,
     ]
+
+
+def run_cmd(cmd: list[str], env: dict | None = None, timeout: int = 600, expect: int | None = 0):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    if expect is not None:
+        assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def run_torchrun(tmp_path: Path, nproc: int, *overrides: str, cfg: Path = TINY, env: dict | None = None,
+                 torchrun_args: tuple[str, ...] = ()) -> Path:
+    out = tmp_path / "runs"
+    run_cmd(torchrun_cmd(nproc, "rl_runner.py", "--cfg", str(cfg), f"output_dir={out}", "run_name=run", *overrides,
+                         torchrun_args=torchrun_args), env=env)
     return out / "run"
+
+
+def run_script(script: str, *args: str, env: dict | None = None, expect: int | None = 0):
+    """A runner as its own process (so that it can be killed or signalled)."""
+    return run_cmd([sys.executable, str(REPO / "runners" / script), *args], env=env, expect=expect)
+
+
+def same_metrics(a: dict, b: dict) -> bool:
+    """Logged metrics equal, ignoring wall-clock timings."""
+    keys = {k for k in a if not k.startswith("time/") and not k.endswith("/time_s")}
+    return keys == {k for k in b if not k.startswith("time/") and not k.endswith("/time_s")} and all(
+        a[k] == b[k] for k in keys)
 
 
 def adapter(run_dir: Path) -> dict:

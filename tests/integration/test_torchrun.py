@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from tests.helpers.runs import adapter, run_in_process, run_torchrun, train_log
+from rl_training.faults import RANK_STEP_ENV
+from tests.helpers.runs import adapter, run_cmd, run_in_process, run_torchrun, same_metrics, torchrun_cmd, train_log
 
 pytestmark = pytest.mark.slow
 
@@ -34,3 +35,26 @@ def test_ranks_hold_identical_parameters(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert summary["rank_param_max_abs_diff"] == 0.0
+
+
+def test_torchrun_resume_is_a_continuation(tmp_path):
+    straight = run_torchrun(tmp_path / "a", 2, *COMMON, "rollout.prompts_per_round=2", "train.total_steps=4")
+    half = run_torchrun(tmp_path / "b", 2, *COMMON, "rollout.prompts_per_round=2", "train.total_steps=2")
+    run_cmd(torchrun_cmd(2, "resume_training.py", "--run-dir", str(half), "--additional-steps", "2"))
+    a, b = adapter(straight), adapter(half)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical, not just close
+    for ra, rb in zip(train_log(straight), train_log(half)):
+        assert same_metrics(ra, rb), (ra, rb)
+
+
+def test_torchrun_restarts_from_latest_checkpoint_after_a_rank_dies(tmp_path):
+    # Rank 1 is SIGKILLed when it starts step 3 (first attempt only); torchrun restarts both
+    # workers, which find the run directory and resume from the step-2 checkpoint.
+    overrides = (*COMMON, "rollout.prompts_per_round=2", "train.total_steps=4", "checkpoint.save_every=1")
+    run = run_torchrun(tmp_path / "killed", 2, *overrides, env={RANK_STEP_ENV: "1:3"},
+                       torchrun_args=("--max-restarts=1",))
+    assert [r["step"] for r in train_log(run)] == [1, 2, 3, 4]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 4
+    clean = run_torchrun(tmp_path / "clean", 2, *overrides)
+    a, b = adapter(clean), adapter(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
