@@ -26,6 +26,7 @@ class StepContext:
     batch: Any  # RolloutBatch of this rank
     world: Any  # dist.DistInfo
     cfg: Any  # RunConfig
+    epoch: int = 0  # PPO epoch (0 .. ppo_epochs − 1); the hooks below fire once per epoch
     microbatch: Any = None  # RolloutBatch slice, in on_after_backward
     microbatch_index: int = -1
     num_microbatches: int = 0

@@ -21,8 +21,15 @@ from rl_training.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# kind -> Probe subclass; probe modules register themselves here.
+# kind -> Probe subclass; probe modules register themselves here when imported.
 PROBE_KINDS: dict[str, type[Probe]] = {}
+BUILTIN_PROBE_MODULES = ("probes.ess",)
+
+
+def registered_kinds() -> dict[str, type[Probe]]:
+    for module in BUILTIN_PROBE_MODULES:
+        importlib.import_module(module)
+    return PROBE_KINDS
 
 
 def register(cls: type[Probe]) -> type[Probe]:
@@ -33,8 +40,9 @@ def register(cls: type[Probe]) -> type[Probe]:
 
 def resolve_kind(kind: str) -> type[Probe]:
     """A registered kind, or a user's class named by dotted import path (pkg.mod.Class)."""
-    if kind in PROBE_KINDS:
-        return PROBE_KINDS[kind]
+    kinds = registered_kinds()
+    if kind in kinds:
+        return kinds[kind]
     if "." in kind:
         module, _, attr = kind.rpartition(".")
         try:

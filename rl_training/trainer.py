@@ -105,6 +105,7 @@ class Trainer:
         micro = cfg.train.microbatch_size
         grad_norm = 0.0
         for epoch in range(cfg.train.ppo_epochs):
+            ctx = ctx.replace(epoch=epoch)
             for i in range(self.accum):
                 mb = batch.select(slice(i * micro, (i + 1) * micro))
                 with self._no_sync(i < self.accum - 1):

@@ -1,0 +1,51 @@
+"""ESS probe (kind ``ess``): how many sequences really drive the update.
+
+The Dr-GRPO gradient at ratio 1 is Σ_i A_i Σ_t ∇log π(y_t) / (N·L): sequence i enters with
+weight w_i = |A_i|·|y_i|. Kish's ESS = (Σw)²/Σw² over the step's N sequences (all ranks)
+says how many equally weighted sequences the update is worth. Zero-advantage sequences
+(groups topped up when filtering ran out of rounds) count in N with weight 0.
+
+| key | meaning |
+|---|---|
+| `probe/<name>/loss_ess` | Kish ESS of w_i = |A_i|·tokens_i |
+| `probe/<name>/loss_ess_frac` | loss_ess / N |
+| `probe/<name>/max_weight_share` | max_i w_i / Σw: the share of the largest single sequence |
+| `probe/<name>/sequences` | N, sequences in the optimizer step |
+"""
+
+from __future__ import annotations
+
+from probes.base import Probe, StepContext
+from probes.functional.ess import dr_grpo_weights, kish_ess, kish_sums
+from probes.manager import register
+
+
+@register
+class EssProbe(Probe):
+    kind = "ess"
+
+    def setup(self, ctx) -> None:
+        self.add_stat("sum_w")
+        self.add_stat("sum_w2")
+        self.add_stat("n")
+        self.add_stat("max_w", reduce="max")
+
+    def on_before_optimizer_step(self, ctx: StepContext) -> None:
+        if ctx.epoch > 0:  # the batch is the same in every PPO epoch: count it once
+            return
+        w = dr_grpo_weights(ctx.batch.advantages, ctx.batch.completion_mask)
+        sw, sw2 = kish_sums(w)
+        self.stats["sum_w"] += sw
+        self.stats["sum_w2"] += sw2
+        self.stats["n"] += w.numel()
+        self.stats["max_w"] = max(self.stats["max_w"], float(w.max()) if w.numel() else 0.0)
+
+    def compute(self) -> dict[str, float]:
+        s = self.stats
+        ess = kish_ess(s["sum_w"], s["sum_w2"])
+        return {
+            "loss_ess": ess,
+            "loss_ess_frac": ess / s["n"] if s["n"] else float("nan"),
+            "max_weight_share": s["max_w"] / s["sum_w"] if s["sum_w"] > 0 else float("nan"),
+            "sequences": s["n"],
+        }
