@@ -103,6 +103,7 @@ def main() -> None:
     args = ap.parse_args()
 
     cfg = load_config(args.cfg, OVERRIDES)
+    load_before = os.getloadavg()  # other jobs on the machine slow both sides alike (they alternate)
     t0 = time.perf_counter()
     session = build_session(cfg, dist.DistInfo())
     ours = session.trainer
@@ -197,6 +198,7 @@ def main() -> None:
         "summary": summary,
         "raw": {**rec, "trl_tokens": trl_tokens},
         "setup_s": setup_s,
+        "loadavg_1_5_15": {"before": load_before, "after": os.getloadavg()},
         "config": {
             "rounds": args.rounds, "cfg": args.cfg, "overrides": OVERRIDES, "ours": to_dict(cfg),
             "trl": {k: v for k, v in trainer.args.to_dict().items() if isinstance(v, (int, float, str, bool, type(None)))},

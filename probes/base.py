@@ -28,6 +28,7 @@ class StepContext:
     cfg: Any  # RunConfig
     epoch: int = 0  # PPO epoch (0 .. ppo_epochs − 1); the hooks below fire once per epoch
     microbatch: Any = None  # RolloutBatch slice, in on_after_backward
+    token_logp: torch.Tensor | None = None  # [b, L] detached log π of the microbatch's tokens
     microbatch_index: int = -1
     num_microbatches: int = 0
     params_before: dict[str, torch.Tensor] | None = None  # snapshot taken before optimizer.step
@@ -52,11 +53,14 @@ class SetupContext:
     model: torch.nn.Module
     tokenizer: Any
     options: dict
+    eval_records: list = field(default_factory=list)  # held-out prompts (E-batches)
+    train_records: list = field(default_factory=list)
+    prompt_fn: Callable[[str], str] | None = None  # question -> prompt text, as in training
 
 
 @dataclass
 class _Stat:
-    default: float
+    default: float | torch.Tensor
     reduce: str
 
 
@@ -72,13 +76,18 @@ class Probe:
         self.stats: dict[str, Any] = {}
 
     # -- declaration ------------------------------------------------------------------
-    def add_stat(self, name: str, default: float = 0.0, reduce: str = "sum") -> None:
+    def add_stat(self, name: str, default: float | torch.Tensor = 0.0, reduce: str = "sum") -> None:
+        """Declare a stat: a float or a fixed-shape tensor (sum/max/min elementwise), or a list
+        of tensors for ``cat`` (concatenated over ranks, rank order)."""
         assert reduce in REDUCTIONS, f"reduce must be one of {REDUCTIONS}"
         assert name not in self._declared, f"stat {name} declared twice"
         self._declared[name] = _Stat(default, reduce)
 
     def reset_stats(self) -> None:
-        self.stats = {n: ([] if s.reduce == "cat" else s.default) for n, s in self._declared.items()}
+        self.stats = {
+            n: [] if s.reduce == "cat" else (s.default.clone() if isinstance(s.default, torch.Tensor) else s.default)
+            for n, s in self._declared.items()
+        }
 
     def is_due(self, step: int) -> bool:
         return step % self.every_n_steps == 0

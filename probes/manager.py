@@ -9,6 +9,7 @@ a probe fails on one rank only (it is then disabled on every rank).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import time
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 
 # kind -> Probe subclass; probe modules register themselves here when imported.
 PROBE_KINDS: dict[str, type[Probe]] = {}
-BUILTIN_PROBE_MODULES = ("probes.ess",)
+BUILTIN_PROBE_MODULES = ("probes.ess", "probes.delta_h")
 
 
 def registered_kinds() -> dict[str, type[Probe]]:
@@ -72,7 +73,7 @@ class ProbeManager:
     # -- lifecycle ---------------------------------------------------------------------
     def setup(self, ctx: SetupContext) -> None:
         for p in self.probes:
-            p.setup(SetupContext(ctx.cfg, ctx.world, ctx.model, ctx.tokenizer, p.options))
+            p.setup(dataclasses.replace(ctx, options=p.options))
             p.reset_stats()
 
     def begin_step(self, step: int) -> None:
@@ -119,21 +120,18 @@ class ProbeManager:
             return {}
         layout = {kind: [(p, n) for p in due for n, s in p._declared.items() if s.reduce == kind] for kind in ("sum", "max", "min")}
         flags = torch.tensor([float(p.name in self._failed) for p in due], dtype=torch.float64)
-        sums = torch.cat([torch.tensor([_as_float(p.stats[n]) for p, n in layout["sum"]], dtype=torch.float64), flags])
+        sums = torch.cat([_pack(layout["sum"]), flags])
         world.all_reduce_sum(sums)  # the one collective for every sum-stat of every probe
-        for (p, n), v in zip(layout["sum"], sums[: len(layout["sum"])].tolist()):
-            p.stats[n] = v
+        _unpack(layout["sum"], sums)
         for kind, op in (("max", world.all_reduce_max), ("min", world.all_reduce_min)):
             if layout[kind]:
-                buf = op(torch.tensor([_as_float(p.stats[n]) for p, n in layout[kind]], dtype=torch.float64))
-                for (p, n), v in zip(layout[kind], buf.tolist()):
-                    p.stats[n] = v
+                _unpack(layout[kind], op(_pack(layout[kind])))
         for p in due:
             for n, s in p._declared.items():
                 if s.reduce == "cat":
                     parts = world.all_gather_object([t.detach().cpu() for t in p.stats[n]])
                     p.stats[n] = [t for part in parts for t in part]
-        failed_anywhere = {p.name for p, f in zip(due, sums[len(layout["sum"]) :].tolist()) if f > 0}
+        failed_anywhere = {p.name for p, f in zip(due, sums[len(sums) - len(due) :].tolist()) if f > 0}
         out: dict[str, float] = {}
         for p in due:
             if p.name in failed_anywhere:
@@ -163,5 +161,18 @@ class ProbeManager:
                 p.load_state_dict(sd["probes"][p.name])
 
 
-def _as_float(v) -> float:
-    return float(v.item()) if isinstance(v, torch.Tensor) else float(v)
+def _pack(entries) -> torch.Tensor:
+    """Scalar and tensor stats of (probe, name) entries, flattened into one float64 vector."""
+    parts = [torch.as_tensor(p.stats[n], dtype=torch.float64).detach().cpu().reshape(-1) for p, n in entries]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+
+def _unpack(entries, flat: torch.Tensor) -> None:
+    """Write reduced values back: floats stay floats, tensors keep their shape (as float64)."""
+    offset = 0
+    for p, n in entries:
+        old = p.stats[n]
+        size = old.numel() if isinstance(old, torch.Tensor) else 1
+        chunk = flat[offset : offset + size]
+        p.stats[n] = chunk.reshape(old.shape).clone() if isinstance(old, torch.Tensor) else float(chunk.item())
+        offset += size

@@ -19,15 +19,18 @@ def trim(prompt_ids, prompt_mask, completion_ids, completion_mask):
     return prompt_ids[:, start:], prompt_mask[:, start:], completion_ids[:, :stop], completion_mask[:, :stop]
 
 
-def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float):
-    """[B, L, V] logits / T that predict each completion token (only those positions are projected)."""
+def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float, forward=None):
+    """[B, L, V] logits / T that predict each completion token (only those positions are projected).
+
+    ``forward`` replaces ``model(**kwargs)``, e.g. by a functional call at other parameters.
+    """
     device = next(model.parameters()).device
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1).to(device)
     attention = torch.cat([prompt_mask, completion_mask], dim=1).to(device)
     # Generation numbers positions from the first real token of each left-padded row.
     position_ids = (attention.cumsum(dim=1) - 1).clamp(min=0)
     length = completion_ids.shape[1]
-    out = model(
+    out = (forward or model)(
         input_ids=input_ids,
         attention_mask=attention,
         position_ids=position_ids,

@@ -74,7 +74,7 @@ def build_session(cfg: RunConfig, world: DistInfo) -> Session:
     use_chat = cfg.data.use_chat_template
     prompt_fn = lambda q: build_prompt(q, tokenizer, use_chat)  # noqa: E731
     trainer = Trainer(cfg, world, model, tokenizer, scheduler, prompt_fn, get_reward_fn(cfg.data.reward),
-                      ProbeManager.from_config(cfg.probes))
+                      ProbeManager.from_config(cfg.probes), eval_records)
     return Session(cfg, world, trainer, train_records, eval_records)
 
 

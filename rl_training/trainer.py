@@ -73,7 +73,8 @@ class StepOutput:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, world: DistInfo, model, tokenizer, scheduler, prompt_fn, reward_fn, probes: ProbeManager):
+    def __init__(self, cfg: RunConfig, world: DistInfo, model, tokenizer, scheduler, prompt_fn, reward_fn,
+                 probes: ProbeManager, eval_records: list = ()):
         self.cfg, self.world = cfg, world
         self.policy = model  # PeftModel; generation and probes use it unwrapped
         self.tokenizer = tokenizer
@@ -84,7 +85,8 @@ class Trainer:
         self.optimizer, self.lr_scheduler = build_optimizer(model, cfg)
         self.step = 0  # optimizer steps done
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        probes.setup(SetupContext(cfg, world, model, tokenizer, {}))
+        probes.setup(SetupContext(cfg, world, model, tokenizer, {}, eval_records=list(eval_records),
+                                  train_records=list(scheduler.records), prompt_fn=prompt_fn))
 
     # ------------------------------------------------------------------------------ step
     def train_step(self) -> StepOutput:
@@ -109,11 +111,11 @@ class Trainer:
             for i in range(self.accum):
                 mb = batch.select(slice(i * micro, (i + 1) * micro))
                 with self._no_sync(i < self.accum - 1):
-                    terms, ent, surprisal = self._microbatch_loss(mb)
+                    terms, ent, surprisal, logp = self._microbatch_loss(mb)
                     terms.loss.backward()
                 self._accumulate(sums, terms, ent, surprisal, first_epoch=epoch == 0)
                 self.probes.on_after_backward(
-                    ctx.replace(microbatch=mb, microbatch_index=i, num_microbatches=self.accum)
+                    ctx.replace(microbatch=mb, microbatch_index=i, num_microbatches=self.accum, token_logp=logp)
                 )
             self.probes.on_before_optimizer_step(ctx)
             snapshot = (
@@ -192,7 +194,7 @@ class Trainer:
             eps_low=cfg.train.eps_low, eps_high=cfg.train.eps_high,
             ref_logp=ref, kl_beta=cfg.train.kl_beta,
         )
-        return terms, ent, surprisal
+        return terms, ent, surprisal, logp.detach()
 
     def _accumulate(self, sums, terms, ent, surprisal, first_epoch: bool) -> None:
         # Report the loss of the global step (undo the per-rank ×world) averaged over epochs.
