@@ -50,6 +50,7 @@ OVERRIDES = [
     "rollout.filter_groups=false", "rollout.generation_batch_size=16",
     "train.buffer_size=16", "train.microbatch_size=8", "train.lr=1e-5", "train.grad_clip=1.0",
     "train.total_steps=1000", "logging.progress_bar=false",
+    "probes.probes=[]",  # the same work as TRL: no probes (bench/probe_cost.py measures those)
 ]  # fmt: skip
 
 

@@ -31,13 +31,16 @@ over ranks, default 16), ``estimator`` (rb | sf | both, default rb), ``microbatc
 | `cov_pred` | −lr·Cov(log π(y_t), A) over training tokens (a per-token entropy change) |
 | `dir_check` | max relative gap between Σ_i d_i and ⟨∇Σf, Δθ⟩ (numerical health, ≈ 1e-6) |
 | `n` | B_E |
+| `time_gen_s`, `time_grad_s`, `time_snis_s` | cost: E-batch generation, the gradient pass at θ_k, the SNIS forward at θ_{k+1} (slowest rank) |
 """
 
 from __future__ import annotations
 
 import random
+import time
 
 import torch
+from torch.func import functional_call
 
 from probes.base import Probe, SetupContext, StepContext
 from probes.directional import eval_mode, per_row_directional
@@ -49,6 +52,23 @@ from rl_training.errors import ConfigError
 from rl_training.sampling import sample, stable_seed
 
 OPTIONS = {"batch_size", "estimator", "microbatch_size", "pool"}
+
+
+def token_stats(model, tensors, T: float, forward=None):
+    """(h, log π(y_t)) [B, L] in float64 from one forward (``forward``: e.g. a functional call)."""
+    logits = policy.completion_logits(model, *tensors, T, forward=forward)
+    return F.token_entropy_logprob(logits, tensors[2].to(logits.device))
+
+
+@torch.no_grad()
+def sequence_stats(model, tensors, T: float, params: dict | None = None):
+    """(S_i, H_i = Σ_t h_t, G [B, L]) per sequence, at ``params`` (default: the model's own)."""
+    forward = None
+    if params is not None:
+        forward = lambda **kw: functional_call(model, params, args=(), kwargs=kw, strict=False)  # noqa: E731
+    h, logp = token_stats(model, tensors, T, forward=forward)
+    mask = tensors[3].to(h.device).double()
+    return (logp * mask).sum(-1).cpu(), (h * mask).sum(-1).cpu(), F.future_entropy(h, mask).cpu()
 
 
 @register
@@ -74,8 +94,8 @@ class DeltaHProbe(Probe):
         if pool not in ("eval", "train"):
             raise ConfigError(f"probe '{self.name}': pool must be eval|train, got {pool!r}")
         self.pool = ctx.eval_records if pool == "eval" else ctx.train_records
-        if len(self.pool) < self.batch_size:
-            raise ConfigError(f"probe '{self.name}': the {pool} pool has {len(self.pool)} prompts < batch_size {self.batch_size}")
+        if not self.pool:
+            raise ConfigError(f"probe '{self.name}': the {pool} prompt pool is empty (data.eval_fraction = 0?)")
         self.cfg, self.world, self.tokenizer, self.prompt_fn = cfg, world, ctx.tokenizer, ctx.prompt_fn
         self.l_budget = cfg.rollout.max_new_tokens
         self.baseline = torch.zeros(self.l_budget, dtype=torch.float64)  # b_t for RB, from the last due step
@@ -92,6 +112,8 @@ class DeltaHProbe(Probe):
         for k in ("tok_n", "tok_lp", "tok_a", "tok_lpa"):
             self.add_stat(k)
         self.add_stat("dir_check", reduce="max")
+        for part in ("gen", "grad", "snis"):  # cost breakdown, slowest rank
+            self.add_stat(f"time_{part}_s", reduce="max")
         self.lr = float("nan")
 
     # -------------------------------------------------------------------------- hooks
@@ -110,52 +132,57 @@ class DeltaHProbe(Probe):
         if ctx.epoch > 0:
             return
         self.lr = ctx.lr
+        t0 = time.perf_counter()
         self._ebatch = self.sample_ebatch(ctx.model, ctx.step)
+        self.stats["time_gen_s"] += time.perf_counter() - t0
 
     def on_after_optimizer_step(self, ctx: StepContext) -> None:
         if ctx.epoch > 0 or self._ebatch is None:
             return
-        theta_k, delta = ctx.params_before, ctx.delta_theta()
         comp, self._ebatch = self._ebatch, None
-        T = self.cfg.rollout.temperature
+        self.measure(ctx.model, ctx.params_before, ctx.delta_theta(), comp)
+
+    def measure(self, model, theta: dict, delta: dict, comp, theta_new: dict | None = None) -> None:
+        """Accumulate δH₁ along ``delta`` at ``theta`` and SNIS ΔH at ``theta_new`` (default:
+        the model's current parameters) over the E-batch ``comp``, microbatch by microbatch."""
         n = comp.completion_ids.shape[0]
-        with eval_mode(ctx.model):
+        with eval_mode(model):
             for s in range(0, n, self.micro):
                 rows = slice(s, s + self.micro)
                 tensors = policy.trim(comp.prompt_ids[rows], comp.prompt_mask[rows],
                                       comp.completion_ids[rows], comp.completion_mask[rows])
-                self._accumulate(ctx.model, theta_k, delta, tensors, T)
+                self._accumulate(model, theta, delta, tensors, theta_new)
 
-    def _accumulate(self, model, theta_k, delta, tensors, T: float) -> None:
-        _, _, completion_ids, completion_mask = tensors
-        mask = completion_mask.double()
+    def _accumulate(self, model, theta, delta, tensors, theta_new) -> None:
+        T = self.cfg.rollout.temperature
+        mask = tensors[3].double()
         seen = {}
 
         def objective(kind):
             def run(call):
-                logits = policy.completion_logits(model, *tensors, T, forward=call)
-                h, logp = F.token_entropy_logprob(logits, completion_ids.to(logits.device))
+                h, logp = token_stats(model, tensors, T, forward=call)
                 m = mask.to(h.device)
                 seen.update(S=(logp.detach() * m).sum(-1), H=(h.detach() * m).sum(-1), G=F.future_entropy(h.detach(), m))
                 return F.rb_surrogate(h, logp, m, self.baseline) if kind == "rb" else (logp * m).sum(-1)
             return run
 
         checks = []
+        t0 = time.perf_counter()
         if self.estimator in ("rb", "both"):
-            _, d_rb, total = per_row_directional(model, theta_k, delta, objective("rb"))
+            _, d_rb, total = per_row_directional(model, theta, delta, objective("rb"))
             self.stats["rb_c"] += float(d_rb.sum())
             self.stats["rb_c2"] += float((d_rb * d_rb).sum())
             checks.append((float(d_rb.sum()), total))
         if self.estimator in ("sf", "both"):
-            _, d_sf, total = per_row_directional(model, theta_k, delta, objective("sf"))
+            _, d_sf, total = per_row_directional(model, theta, delta, objective("sf"))
             for k, v in F.sf_sums(seen["S"], d_sf).items():
                 self.stats[f"sf_{k}"] += v
             checks.append((float(d_sf.sum()), total))
         S_old, H_old, G = seen["S"].cpu(), seen["H"].cpu(), seen["G"].cpu()
-        with torch.no_grad():  # θ_{k+1}: the model's current parameters
-            logits = policy.completion_logits(model, *tensors, T)
-            h_new, logp_new = F.token_entropy_logprob(logits, completion_ids.to(logits.device))
-            S_new, H_new = (logp_new * mask).sum(-1).cpu(), (h_new * mask).sum(-1).cpu()
+        t1 = time.perf_counter()
+        S_new, H_new, _ = sequence_stats(model, tensors, T, params=theta_new)
+        self.stats["time_grad_s"] += t1 - t0
+        self.stats["time_snis_s"] += time.perf_counter() - t1
         for k, v in F.snis_sums(S_old, S_new, H_old, H_new).items():
             self.stats[f"snis_{k}"] += v
         width = min(G.shape[1], self.l_budget)
@@ -169,7 +196,8 @@ class DeltaHProbe(Probe):
     def sample_ebatch(self, model, step: int):
         """This rank's share of a global E-batch that depends only on (seed, step)."""
         seed = self.cfg.seed
-        picks = random.Random(stable_seed(seed, "ebatch-prompts", step)).sample(range(len(self.pool)), self.batch_size)
+        # iid prompts (with replacement): the SE formulas assume independent E-batch sequences.
+        picks = random.Random(stable_seed(seed, "ebatch-prompts", step)).choices(range(len(self.pool)), k=self.batch_size)
         per_rank = self.batch_size // self.world.world_size
         mine = range(self.world.rank * per_rank, (self.world.rank + 1) * per_rank)
         return sample(
@@ -183,7 +211,7 @@ class DeltaHProbe(Probe):
     # -------------------------------------------------------------------------- results
     def compute(self) -> dict[str, float]:
         s, n, L = self.stats, self.stats["n"], float(self.l_budget)
-        out = {"n": n, "dir_check": s["dir_check"]}
+        out = {"n": n, "dir_check": s["dir_check"], **{f"time_{p}_s": s[f"time_{p}_s"] for p in ("gen", "grad", "snis")}}
         if self.estimator in ("rb", "both"):
             out["pred_rb"], out["pred_rb_se"] = F.mean_se(s["rb_c"], s["rb_c2"], n)
         if self.estimator in ("sf", "both"):

@@ -143,8 +143,8 @@ def available_steps(ckpt_root: Path) -> list[int]:
     return sorted(steps)
 
 
-def resolve(ckpt_root: Path, which: str | int = "latest") -> Path:
-    """checkpoints/step_N for ``which`` = "latest" or a step number; verified."""
+def resolve(ckpt_root: Path, which: str | int = "latest", verified: bool = True) -> Path:
+    """checkpoints/step_N for ``which`` = "latest" or a step number; verified unless told not to."""
     if not ckpt_root.is_dir():
         raise CheckpointError(f"no checkpoints folder: {ckpt_root}")
     if which == "latest":
@@ -156,7 +156,8 @@ def resolve(ckpt_root: Path, which: str | int = "latest") -> Path:
         path = ckpt_root / f"step_{int(which)}"
         if not path.is_dir():
             raise CheckpointError(f"no checkpoint {path} (available steps: {available_steps(ckpt_root) or 'none'})")
-    verify(path)
+    if verified:
+        verify(path)
     return path
 
 

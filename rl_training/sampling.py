@@ -105,10 +105,10 @@ def sample(
         prompts,
         return_tensors="pt",
         padding=True,
-        truncation=True,
-        max_length=max_prompt_tokens,
         add_special_tokens=False,
     ).to(device)
+    # Prompts were checked against the budget when the run was set up; never cut one here.
+    assert enc["input_ids"].shape[1] <= max_prompt_tokens, "prompt longer than data.max_prompt_tokens"
     eos = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id
     was_training = model.training

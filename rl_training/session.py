@@ -26,7 +26,7 @@ from rl_training.data.prompts import build_prompt
 from rl_training.data.records import Record, load_task, split_records
 from rl_training.data.scheduler import DifficultyScheduler
 from rl_training.dist import DistInfo
-from rl_training.errors import UserError
+from rl_training.errors import ConfigError, UserError
 from rl_training.loggers import RolloutWriter, build_logger, truncate_logs
 from rl_training.rewards import get_reward_fn
 from rl_training.trainer import Trainer
@@ -73,6 +73,7 @@ def build_session(cfg: RunConfig, world: DistInfo) -> Session:
     )
     use_chat = cfg.data.use_chat_template
     prompt_fn = lambda q: build_prompt(q, tokenizer, use_chat)  # noqa: E731
+    check_prompt_lengths(train_records + eval_records, prompt_fn, tokenizer, cfg.data.max_prompt_tokens)
     trainer = Trainer(cfg, world, model, tokenizer, scheduler, prompt_fn, get_reward_fn(cfg.data.reward),
                       ProbeManager.from_config(cfg.probes), eval_records)
     return Session(cfg, world, trainer, train_records, eval_records)
@@ -128,6 +129,18 @@ def start_or_restart(cfg: RunConfig, world: DistInfo) -> tuple[Session, int]:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(str(session.run_dir.resolve()) + "\n")
     return session, cfg.train.total_steps
+
+
+def check_prompt_lengths(records, prompt_fn, tokenizer, limit: int) -> None:
+    """Refuse prompts longer than data.max_prompt_tokens rather than cut them silently
+    (a cut prompt loses its end: the question and the assistant header)."""
+    lengths = [len(ids) for ids in tokenizer([prompt_fn(r.question) for r in records], add_special_tokens=False)["input_ids"]]
+    too_long = [n for n in lengths if n > limit]
+    if too_long:
+        raise ConfigError(
+            f"'data.max_prompt_tokens' ({limit}) is shorter than {len(too_long)} of {len(lengths)} prompts "
+            f"(longest {max(too_long)} tokens); raise it"
+        )
 
 
 def create_run_dir(cfg: RunConfig, world: DistInfo) -> Path:

@@ -55,3 +55,8 @@ def test_malformed_jsonl_line_names_file_and_line(tmp_path, capsys):
 @pytest.mark.parametrize("override", ["rollout.top_p=0.95", "rollout.top_k=20"])
 def test_truncated_sampling_refused(tmp_path, capsys, override):
     assert "full-vocabulary" in run_bad(tmp_path, capsys, override)
+
+
+def test_prompt_longer_than_budget_is_refused(tmp_path, capsys):
+    line = run_bad(tmp_path, capsys, "data.max_prompt_tokens=20")
+    assert "'data.max_prompt_tokens' (20) is shorter than" in line

@@ -59,8 +59,8 @@ def run_script(script: str, *args: str, env: dict | None = None, expect: int | N
 
 def same_metrics(a: dict, b: dict) -> bool:
     """Logged metrics equal, ignoring wall-clock timings."""
-    keys = {k for k in a if not k.startswith("time/") and not k.endswith("/time_s")}
-    return keys == {k for k in b if not k.startswith("time/") and not k.endswith("/time_s")} and all(
+    keys = {k for k in a if not k.startswith("time/") and "/time" not in k}
+    return keys == {k for k in b if not k.startswith("time/") and "/time" not in k} and all(
         a[k] == b[k] for k in keys)
 
 

@@ -1,0 +1,74 @@
+"""Offline entropy experiments on a tiny checkpoint: every subcommand, the update direction,
+and bad input."""
+
+import json
+
+import pytest
+import torch
+
+from probes.offline import EntropyExperiment
+from runners.entropy_runner import main
+from tests.helpers.runs import run_in_process
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return run_in_process(tmp_path_factory.mktemp("entropy"), "train.total_steps=2")
+
+
+def _results(out, command):
+    (folder,) = (out / command.replace("-", "_")).iterdir()
+    return folder, json.loads((folder / "results.json").read_text())
+
+
+@pytest.mark.parametrize("argv, checks", [
+    (["single", "--be", "8"], ("pred", "pred_se", "true", "true_se", "ess_frac")),
+    (["eta-sweep", "--be", "8", "--etas", "1e-4,1e-3,1e-2"], ("grad_dot_v", "sweep", "loglog_slope", "first_order_etas")),
+    (["lr-linearity", "--be", "8", "--learning-rates", "1e-4,1e-3", "--repeats", "2"], ("per_lr", "fit")),
+    (["batch-scaling", "--be-values", "4,8,16", "--runs", "2"], ("per_be", "verdict", "limit")),
+    (["sanity-check", "--be", "4", "--runs", "3", "--ref-be", "8"], ("calibration_ratio", "bias", "reference")),
+])
+def test_subcommands_write_results(run_dir, tmp_path, argv, checks):
+    assert main([*argv, "--checkpoint", str(run_dir), "--output-dir", str(tmp_path), "--quiet"]) == 0
+    folder, res = _results(tmp_path, argv[0])
+    assert {"config.yaml", "log.txt", "results.json"} <= {p.name for p in folder.iterdir()}
+    for key in checks:
+        assert key in res, key
+    if argv[0] == "lr-linearity":
+        assert (folder / "entropy_vs_learning_rate.png").stat().st_size > 0 and (folder / "analysis.json").exists()
+        assert len(json.loads((folder / "raw_results.json").read_text())) == 4
+
+
+def test_update_direction_is_real_step_linear_in_lr_and_restored(run_dir):
+    exp = EntropyExperiment(run_dir)
+    before = {n: p.detach().clone() for n, p in exp.trainer.trainable.items()}
+    opt_state = exp.trainer.optimizer.state_dict()["state"]
+    steps_before = {k: v["step"].clone() for k, v in opt_state.items()}
+    d1 = exp.update(1e-3, key=0)
+    d2 = exp.update(2e-3, key=0)
+    # Adam's update is lr × (a direction fixed by the gradient and the moments): v = Δθ/lr,
+    # up to float32 rounding of θ + Δθ (a few ulp of |θ|).
+    for n in d1:
+        ulp = torch.finfo(torch.float32).eps * float(before[n].abs().max())
+        torch.testing.assert_close(d2[n], 2 * d1[n], rtol=1e-5, atol=4 * ulp)
+    assert any(d.abs().sum() > 0 for d in d1.values())
+    # Everything was restored: parameters and the optimizer's state (its step counters).
+    assert all(torch.equal(p, before[n]) for n, p in exp.trainer.trainable.items())
+    state = exp.trainer.optimizer.state_dict()["state"]
+    assert all(torch.equal(state[k]["step"], steps_before[k]) for k in state)
+
+
+def test_bad_input(run_dir, tmp_path, capsys):
+    assert main(["single", "--be", "1", "--checkpoint", str(run_dir), "--output-dir", str(tmp_path)]) == 2
+    assert "--be must be >= 2" in capsys.readouterr().err
+    step = run_dir / "checkpoints" / "step_2"
+    stripped = tmp_path / "step_2"
+    import shutil
+
+    shutil.copytree(step, stripped)
+    (stripped / "optimizer.pt").unlink()
+    assert main(["single", "--checkpoint", str(stripped), "--output-dir", str(tmp_path)]) == 2
+    assert "has no optimizer state" in capsys.readouterr().err
+    assert main(["single", "--checkpoint", str(run_dir / "final_adapter"), "--output-dir", str(tmp_path)]) == 2
+    assert "is not a checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "single").exists()
