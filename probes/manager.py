@@ -18,7 +18,7 @@ import traceback
 import torch
 
 from probes.base import Probe, SetupContext, StepContext
-from rl_training.errors import ConfigError
+from rl_training.errors import ConfigError, import_dotted
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +45,7 @@ def resolve_kind(kind: str) -> type[Probe]:
     if kind in kinds:
         return kinds[kind]
     if "." in kind:
-        module, _, attr = kind.rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as e:
-            raise ConfigError(f"probe kind '{kind}' cannot be imported: {e}") from None
+        cls = import_dotted(kind, "probe kind")
         if not (isinstance(cls, type) and issubclass(cls, Probe)):
             raise ConfigError(f"probe kind '{kind}' is not a Probe subclass")
         return cls

@@ -20,3 +20,14 @@ class DataError(UserError, ValueError):
 
 class ModelError(UserError):
     """A model, tokenizer or GGUF file that cannot be resolved or loaded."""
+
+
+def import_dotted(path: str, what: str):
+    """The object named by ``pkg.module.attr``; a ConfigError naming ``what`` if it can't be imported."""
+    import importlib
+
+    module, _, attr = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError(f"{what} '{path}' cannot be imported: {e}") from None

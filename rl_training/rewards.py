@@ -11,14 +11,13 @@ Numbers are compared exactly as ``fractions.Fraction`` values, so "1,234" == "12
 
 from __future__ import annotations
 
-import importlib
 import re
 from dataclasses import asdict, dataclass
 from decimal import Decimal, localcontext
 from fractions import Fraction
 from typing import Callable, Union
 
-from rl_training.errors import ConfigError, DataError
+from rl_training.errors import ConfigError, DataError, import_dotted
 
 Gold = Union[str, int, float]
 
@@ -179,11 +178,7 @@ def get_reward_fn(name: str) -> RewardFn:
     if name in REWARD_FNS:
         return REWARD_FNS[name]
     if "." in name:
-        module, _, attr = name.rpartition(".")
-        try:
-            fn = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as e:
-            raise ConfigError(f"data.reward '{name}' cannot be imported: {e}") from None
+        fn = import_dotted(name, "data.reward")
         if not callable(fn):
             raise ConfigError(f"data.reward '{name}' is not callable")
         return fn

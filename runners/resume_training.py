@@ -8,17 +8,14 @@ Works under torchrun like rl-train.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rl_training import dist  # noqa: E402
-from rl_training.errors import UserError  # noqa: E402
 from rl_training.session import fit, resume_session  # noqa: E402
-from runners.rl_runner import report  # noqa: E402
+from runners.common import init_world, run_main  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -36,24 +33,17 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    world = dist.init()
-    try:
-        if not world.is_main:
-            logging.getLogger().setLevel(logging.WARNING)
+
+    def body():
+        world = init_world()
         which = args.from_step if args.from_step == "latest" else int(args.from_step)
         session, last = resume_session(
             args.run_dir, world, which=which, additional_steps=args.additional_steps,
             new_run_dir=args.new_run_dir, overrides=args.overrides,
         )
-        summary = fit(session, last)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        dist.shutdown()
-    report(world, session, summary)
-    return 0
+        return world, session, fit(session, last)
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

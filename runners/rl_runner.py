@@ -6,18 +6,15 @@ Also ``python runners/rl_runner.py ...`` and ``torchrun --nproc_per_node=2 runne
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rl_training import dist  # noqa: E402
 from rl_training.config import load_config  # noqa: E402
-from rl_training.errors import UserError  # noqa: E402
 from rl_training.session import fit, start_or_restart  # noqa: E402
+from runners.common import init_world, run_main  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -29,29 +26,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    world = None
-    try:
+
+    def body():
         cfg = load_config(args.cfg, args.overrides)
-        world = dist.init(cfg.train.backend)
-        if not world.is_main:
-            logging.getLogger().setLevel(logging.WARNING)
+        world = init_world(cfg.train.backend)
         session, last = start_or_restart(cfg, world)
-        summary = fit(session, last)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        dist.shutdown()
-    report(world, session, summary)
-    return 0
+        return world, session, fit(session, last)
 
-
-def report(world, session, summary: dict) -> None:
-    if world.is_main:
-        print(json.dumps(summary, indent=2))
-        print(f"run directory: {session.run_dir}")
-        print(f"TensorBoard:   tensorboard --logdir {session.run_dir / 'tensorboard'}")
+    return run_main(body)
 
 
 if __name__ == "__main__":

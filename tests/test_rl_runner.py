@@ -60,3 +60,14 @@ def test_truncated_sampling_refused(tmp_path, capsys, override):
 def test_prompt_longer_than_budget_is_refused(tmp_path, capsys):
     line = run_bad(tmp_path, capsys, "data.max_prompt_tokens=20")
     assert "'data.max_prompt_tokens' (20) is shorter than" in line
+
+
+def test_delta_h_batch_below_two_is_refused(tmp_path, capsys):
+    probes = "probes.probes=[{name: d, kind: delta_h, options: {batch_size: 1}}]"
+    assert "batch_size (B_E) must be >= 2" in run_bad(tmp_path, capsys, probes)
+
+
+def test_unknown_probe_kind_and_option_are_refused(tmp_path, capsys):
+    assert "unknown probe kind 'nope'" in run_bad(tmp_path, capsys, "probes.probes=[{name: x, kind: nope}]")
+    bad_opt = "probes.probes=[{name: d, kind: delta_h, options: {batchsize: 8}}]"
+    assert "unknown option(s) ['batchsize']" in run_bad(tmp_path, capsys, bad_opt)

@@ -22,5 +22,10 @@ def test_one_training_step_on_smollm2(tmp_path):
     # A pretrained instruct model is far from uniform: entropy well below log(vocab) ≈ 10.8.
     assert 0 < row["train/entropy"] < 8
     assert row["rollout/completion_len_mean"] > 0
+    # The demo config enables every probe kind: δH logs finite prediction, measurement and errors.
+    for key in ("pred", "pred_se", "true", "true_se", "ess_frac", "H", "cov_pred"):
+        assert math.isfinite(row[f"probe/delta_h/{key}"]), key
+    assert row["probe/delta_h/pred_se"] > 0 and 0 < row["probe/delta_h/ess_frac"] <= 1
+    assert row["probe/delta_h/dir_check"] < 1e-3
     weights = adapter(run)
     assert any("lora_A" in k for k in weights) and all(math.isfinite(float(v.abs().sum())) for v in weights.values())

@@ -1,0 +1,72 @@
+"""Cost of the δH probe per due step, as a ratio of the bare training step, side by side.
+
+Two trainers on the same config (SmolLM2 demo, group filtering off so that every step does
+the same work), one without probes and one with ``delta_h`` every step, alternate steps in
+one process. Prints seconds per step, the probe's overhead ratio, and its breakdown
+(E-batch generation, the gradient pass at θ_k, the SNIS forward at θ_{k+1}); writes JSON.
+
+    python bench/probe_cost.py --steps 3 --be 8 --out bench/results/probe_cost.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rl_training import dist  # noqa: E402
+from rl_training.config import load_config  # noqa: E402
+from rl_training.session import build_session  # noqa: E402
+
+COMMON = ["rollout.filter_groups=false", "logging.progress_bar=false", "train.total_steps=1000"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cfg", default="cfg/smollm2_cpu_demo.yaml")
+    ap.add_argument("--steps", type=int, default=3, help="measured steps each, after one warm-up step each")
+    ap.add_argument("--be", type=int, default=8)
+    ap.add_argument("--estimator", default="rb")
+    ap.add_argument("--out", default="bench/results/probe_cost.json")
+    args = ap.parse_args()
+    world = dist.DistInfo()
+    bare = build_session(load_config(args.cfg, COMMON + ["probes.probes=[]"]), world).trainer
+    probe_cfg = f"probes.probes=[{{name: delta_h, kind: delta_h, options: {{batch_size: {args.be}, estimator: {args.estimator}}}}}]"
+    probed = build_session(load_config(args.cfg, COMMON + [probe_cfg]), world).trainer
+    rows = {"bare": [], "probed": []}
+    for i in range(args.steps + 1):
+        for name, tr in (("bare", bare), ("probed", probed)):
+            t0 = time.perf_counter()
+            metrics = tr.train_step().metrics
+            dt = time.perf_counter() - t0
+            if i == 0:
+                continue  # warm-up
+            row = {"seconds": dt, **{k.split("/")[-1]: v for k, v in metrics.items() if k.startswith("probe/delta_h/time")}}
+            rows[name].append(row)
+            print(f"{name:7s} step {i}: {dt:6.1f} s " + " ".join(f"{k}={v:.1f}" for k, v in row.items() if k != "seconds"))
+    bare_s = statistics.mean(r["seconds"] for r in rows["bare"])
+    probed_s = statistics.mean(r["seconds"] for r in rows["probed"])
+    parts = {k: statistics.mean(r[k] for r in rows["probed"]) for k in ("time_gen_s", "time_grad_s", "time_snis_s", "time_s")}
+    summary = {
+        "bare_s_per_step": bare_s, "probed_s_per_step": probed_s,
+        "overhead_ratio": (probed_s - bare_s) / bare_s,
+        "probe_time_ratio": parts["time_s"] / bare_s,
+        "breakdown_ratio_of_bare_step": {k: v / bare_s for k, v in parts.items() if k != "time_s"},
+        "breakdown_s": parts, "be": args.be, "estimator": args.estimator, "steps": args.steps,
+        "loadavg": os.getloadavg(), "rows": rows, "cfg": args.cfg,
+    }
+    print(f"bare {bare_s:.1f} s/step, with δH probe (B_E={args.be}) {probed_s:.1f} s/step: "
+          f"overhead ×{summary['overhead_ratio']:.2f} of the bare step")
+    print("breakdown (fraction of a bare step): " + ", ".join(f"{k}: {v:.2f}" for k, v in summary["breakdown_ratio_of_bare_step"].items()))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""The frame every training runner shares: logging, one-line user errors, teardown, report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Callable
+
+from rl_training import dist
+from rl_training.errors import UserError
+
+
+def run_main(body: Callable[[], tuple]) -> int:
+    """``body()`` -> (world, session, summary). A UserError is one line on stderr and exit 2."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        world, session, summary = body()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        dist.shutdown()
+    if world.is_main:
+        print(json.dumps(summary, indent=2))
+        print(f"run directory: {session.run_dir}")
+        print(f"TensorBoard:   tensorboard --logdir {session.run_dir / 'tensorboard'}")
+    return 0
+
+
+def init_world(backend: str = "auto") -> dist.DistInfo:
+    world = dist.init(backend)
+    if not world.is_main:  # one rank speaks
+        logging.getLogger().setLevel(logging.WARNING)
+    return world
