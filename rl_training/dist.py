@@ -69,7 +69,17 @@ def init(backend: str = "auto") -> DistInfo:
     if world_size > 1 and not tdist.is_initialized():
         if backend == "auto":
             backend = "nccl" if use_cuda else "gloo"
-        tdist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        timeout = datetime.timedelta(minutes=30)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun's agent keeps ONE store across worker restarts: without a per-attempt
+            # prefix a restarted rank can read a dead peer's address and fail to connect.
+            base = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                                  is_master=False, timeout=timeout)
+            store = tdist.PrefixStore(f"rl_training/attempt_{attempt}", base)
+            tdist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+        else:
+            tdist.init_process_group(backend=backend, timeout=timeout)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 

@@ -5,7 +5,10 @@ import json
 import pytest
 import torch
 
+from rl_training.config import load_config
+from rl_training.dist import DistInfo
 from rl_training.faults import RANK_STEP_ENV
+from rl_training.session import build_session
 from tests.helpers.runs import adapter, run_cmd, run_in_process, run_torchrun, same_metrics, torchrun_cmd, train_log
 
 pytestmark = pytest.mark.slow
@@ -26,10 +29,42 @@ def test_two_ranks_equal_one_process(tmp_path):
     # Cross-rank reduced metrics equal the one-process metrics.
     for ra, rb in zip(train_log(two), train_log(one)):
         keys = ["train/loss", "train/entropy", "rollout/reward_mean", "rollout/completion_len_mean", "train/grad_norm"]
-        probe_keys = [k for k in rb if k.startswith("probe/") and "/time" not in k]
+        # dir_check is a per-rank float32 rounding diagnostic, not a statistic of the batch.
+        probe_keys = [k for k in rb if k.startswith("probe/") and "/time" not in k and not k.endswith("/dir_check")]
         assert probe_keys, "cfg/tiny_test.yaml enables every probe kind"
-        for key in keys + probe_keys:
-            assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-9), key
+        for key in keys:
+            assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-7), key
+        # Two full runs reach θ_{k+1} through different float32 summation orders; SNIS ΔH is a
+        # small difference of large entropies and amplifies that rounding (≈1e-4 relative).
+        # The exact cross-rank check on one E-batch is the next test.
+        for key in probe_keys:
+            assert ra[key] == pytest.approx(rb[key], rel=1e-3, abs=1e-9), key
+
+
+def test_delta_h_two_ranks_equal_one_process_on_the_same_ebatch(tmp_path):
+    """The logged δH₁ and ΔH_true of a 2-rank step equal one process's computation on the same
+    E-batch, θ_k and θ_{k+1} (from the run's checkpoint): the cross-rank reduction is exact."""
+    run = run_torchrun(tmp_path, 2, *COMMON, "rollout.prompts_per_round=2", "train.total_steps=1",
+                       "checkpoint.save_every=1")
+    (logged,) = train_log(run)
+    cfg = load_config(run / "config.yaml")
+    trainer = build_session(cfg, DistInfo()).trainer  # θ_0: the seeded LoRA init, as in the run
+    theta_0 = {n: p.detach().clone() for n, p in trainer.trainable.items()}
+    probe = next(p for p in trainer.probes.probes if p.kind == "delta_h")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the torchrun workers (OMP_NUM_THREADS=1): same float32 kernels
+    try:
+        ebatch = probe.sample_ebatch(trainer.policy, step=1)  # at θ_0, before the update
+        trainer.load_checkpoint(run / "checkpoints" / "step_1")
+        theta_1 = {n: p.detach().clone() for n, p in trainer.trainable.items()}
+        probe.baseline.zero_()  # the checkpoint holds the baseline for step 2; step 1 used zeros
+        probe.reset_stats()
+        probe.measure(trainer.policy, theta_0, {n: theta_1[n] - theta_0[n] for n in theta_0}, ebatch, theta_new=theta_1)
+        mine = probe.compute()
+    finally:
+        torch.set_num_threads(threads)
+    for key in ("pred", "pred_se", "pred_rb", "pred_sf", "true", "true_se", "ess_frac", "H", "n"):
+        assert logged[f"probe/delta_h/{key}"] == pytest.approx(mine[key], rel=1e-6, abs=1e-12), key
 
 
 def test_ranks_hold_identical_parameters(tmp_path):
