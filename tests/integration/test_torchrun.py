@@ -27,7 +27,7 @@ def test_two_ranks_equal_one_process(tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     # Cross-rank reduced metrics equal the one-process metrics.
-    for ra, rb in zip(train_log(two), train_log(one)):
+    for ra, rb in zip(train_log(two), train_log(one), strict=True):
         keys = ["train/loss", "train/entropy", "rollout/reward_mean", "rollout/completion_len_mean", "train/grad_norm"]
         # dir_check is a per-rank float32 rounding diagnostic, not a statistic of the batch.
         probe_keys = [k for k in rb if k.startswith("probe/") and "/time" not in k and not k.endswith("/dir_check")]
@@ -81,7 +81,7 @@ def test_torchrun_resume_is_a_continuation(tmp_path):
     run_cmd(torchrun_cmd(2, "resume_training.py", "--run-dir", str(half), "--additional-steps", "2"))
     a, b = adapter(straight), adapter(half)
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical, not just close
-    for ra, rb in zip(train_log(straight), train_log(half)):
+    for ra, rb in zip(train_log(straight), train_log(half), strict=True):
         assert same_metrics(ra, rb), (ra, rb)
 
 
