@@ -14,6 +14,8 @@ def test_one_training_step_on_smollm2(tmp_path):
         tmp_path,
         "train.total_steps=1", "train.buffer_size=8", "train.microbatch_size=8",
         "rollout.prompts_per_round=2", "rollout.max_new_tokens=24", "rollout.filter_groups=false",
+        "probes.strict=true",
+        "probes.probes=[{name: ess, kind: ess}, {name: delta_h, kind: delta_h, options: {batch_size: 4}}]",
         cfg=REPO / "cfg" / "smollm2_cpu_demo.yaml",
     )
     (row,) = train_log(run)
@@ -22,7 +24,7 @@ def test_one_training_step_on_smollm2(tmp_path):
     # A pretrained instruct model is far from uniform: entropy well below log(vocab) ≈ 10.8.
     assert 0 < row["train/entropy"] < 8
     assert row["rollout/completion_len_mean"] > 0
-    # The demo config enables every probe kind: δH logs finite prediction, measurement and errors.
+    # δH in the loop on the real model: finite prediction, measurement and errors.
     for key in ("pred", "pred_se", "true", "true_se", "ess_frac", "H", "cov_pred"):
         assert math.isfinite(row[f"probe/delta_h/{key}"]), key
     assert row["probe/delta_h/pred_se"] > 0 and 0 < row["probe/delta_h/ess_frac"] <= 1
