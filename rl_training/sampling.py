@@ -1,9 +1,8 @@
 """Sampling from the full-vocabulary policy π_T with HF ``generate``.
 
-Every sequence draws its tokens from its own ``torch.Generator`` through the Gumbel-max
-trick (argmax of logits/T + Gumbel noise is an exact sample of softmax(logits/T)). So a
-sequence depends only on its seed and the model, not on which rank or batch it was generated
-in: a run on two ranks and a run on one process draw the same global batch, and a resumed
+Every sequence draws its tokens from its own ``torch.Generator`` (an exact inverse-CDF draw
+from softmax(logits/T), see ``RowSampler``). So a sequence depends only on its seed and the
+model, not on which rank or batch it was generated in: a run on two ranks and a run on one process draw the same global batch, and a resumed
 run draws what the uninterrupted run would have drawn.
 """
 
@@ -22,11 +21,13 @@ def stable_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-class GumbelSampler(LogitsProcessor):
-    """Turns greedy decoding into exact sampling at temperature T with one RNG per row.
+class RowSampler(LogitsProcessor):
+    """Turns greedy decoding into exact sampling from softmax(logits / T), one RNG per row.
 
-    It must be the only logits processor: ``sample`` passes neutral settings to ``generate``
-    so that HF adds none of its own (repetition penalty, top-k, ...).
+    Each row draws ONE uniform u from its own generator and takes the token where the
+    cumulative distribution (float64) crosses u: an exact inverse-CDF sample. The returned
+    scores are −inf except at that token, so greedy decoding picks it. It must be the only
+    logits processor: ``sample`` passes neutral settings so that HF adds none of its own.
     """
 
     def __init__(self, seeds: list[int], temperature: float):
@@ -35,10 +36,11 @@ class GumbelSampler(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         assert scores.shape[0] == len(self.generators), "one seed per generated row"
-        noise = torch.stack([torch.rand(scores.shape[1], generator=g, dtype=torch.float64) for g in self.generators])
-        tiny = torch.finfo(torch.float64).tiny
-        gumbel = -torch.log(-torch.log(noise.clamp(min=tiny, max=1.0 - 1e-16)))
-        return (scores.double() / self.temperature + gumbel.to(scores.device)).to(scores.dtype)
+        u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators]).to(scores.device)
+        cdf = torch.softmax(scores.double() / self.temperature, dim=-1).cumsum(dim=-1)
+        token = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1)).clamp(max=scores.shape[1] - 1)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, token, 0.0)
 
 
 @dataclass
@@ -125,7 +127,7 @@ def sample(
             top_p=None,
             top_k=None,
             repetition_penalty=1.0,
-            logits_processor=LogitsProcessorList([GumbelSampler(seeds, temperature)]),
+            logits_processor=LogitsProcessorList([RowSampler(seeds, temperature)]),
             stop_strings=list(stop_strings) or None,
             tokenizer=tokenizer,
             eos_token_id=sorted(eos),

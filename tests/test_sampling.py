@@ -1,6 +1,6 @@
 import torch
 
-from rl_training.sampling import GumbelSampler, completion_length, stable_seed
+from rl_training.sampling import RowSampler, completion_length, stable_seed
 
 
 def test_stable_seed_is_deterministic_and_distinct():
@@ -9,11 +9,11 @@ def test_stable_seed_is_deterministic_and_distinct():
     assert 0 <= stable_seed("x") < 2**63
 
 
-def test_gumbel_argmax_samples_softmax_at_temperature():
-    # Frequencies of argmax(logits/T + Gumbel) match softmax(logits/T) within 4 sigma.
+def test_row_sampler_samples_softmax_at_temperature():
+    # Frequencies of the chosen tokens match softmax(logits/T) within 4 sigma.
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]])
     T, n = 0.7, 20000
-    sampler = GumbelSampler([stable_seed("gumbel-test")], temperature=T)
+    sampler = RowSampler([stable_seed("sampler-test")], temperature=T)
     draws = torch.stack([sampler(None, logits).argmax(dim=-1)[0] for _ in range(n)])
     freq = torch.bincount(draws, minlength=5).double() / n
     p = torch.softmax(logits[0].double() / T, dim=-1)
@@ -23,8 +23,8 @@ def test_gumbel_argmax_samples_softmax_at_temperature():
 
 def test_rows_depend_only_on_their_own_seed():
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
-    a = GumbelSampler([11, 22, 33], 1.0)(None, logits).argmax(-1)
-    b = GumbelSampler([22], 1.0)(None, logits[1:2]).argmax(-1)
+    a = RowSampler([11, 22, 33], 1.0)(None, logits).argmax(-1)
+    b = RowSampler([22], 1.0)(None, logits[1:2]).argmax(-1)
     assert a[1] == b[0]
 
 

@@ -13,7 +13,7 @@ def test_one_training_step_on_smollm2(tmp_path):
     run = run_in_process(
         tmp_path,
         "train.total_steps=1", "train.buffer_size=8", "train.microbatch_size=8",
-        "rollout.prompts_per_round=2", "rollout.max_new_tokens=24", "rollout.filter_groups=false",
+        "rollout.prompts_per_round=2", "rollout.max_new_tokens=24", "rollout.filter_groups=true", "rollout.max_rounds=8",
         "probes.strict=true",
         "probes.probes=[{name: ess, kind: ess}, {name: delta_h, kind: delta_h, options: {batch_size: 4}}]",
         cfg=REPO / "cfg" / "smollm2_cpu_demo.yaml",
@@ -24,6 +24,7 @@ def test_one_training_step_on_smollm2(tmp_path):
     # A pretrained instruct model is far from uniform: entropy well below log(vocab) ≈ 10.8.
     assert 0 < row["train/entropy"] < 8
     assert row["rollout/completion_len_mean"] > 0
+    assert row["rollout/underfilled_groups"] == 0  # filtering found groups with reward variance: Δθ ≠ 0
     # δH in the loop on the real model: finite prediction, measurement and errors.
     for key in ("pred", "pred_se", "true", "true_se", "ess_frac", "H", "cov_pred"):
         assert math.isfinite(row[f"probe/delta_h/{key}"]), key
