@@ -60,6 +60,10 @@ def token_stats(model, tensors, T: float, forward=None):
     return F.token_entropy_logprob(logits, tensors[2].to(logits.device))
 
 
+def completion_tensors(comp):
+    return comp.prompt_ids, comp.prompt_mask, comp.completion_ids, comp.completion_mask
+
+
 @torch.no_grad()
 def sequence_stats(model, tensors, T: float, params: dict | None = None):
     """(S_i, H_i = Σ_t h_t, G [B, L]) per sequence, at ``params`` (default: the model's own)."""
@@ -145,12 +149,8 @@ class DeltaHProbe(Probe):
     def measure(self, model, theta: dict, delta: dict, comp, theta_new: dict | None = None) -> None:
         """Accumulate δH₁ along ``delta`` at ``theta`` and SNIS ΔH at ``theta_new`` (default:
         the model's current parameters) over the E-batch ``comp``, microbatch by microbatch."""
-        n = comp.completion_ids.shape[0]
         with eval_mode(model):
-            for s in range(0, n, self.micro):
-                rows = slice(s, s + self.micro)
-                tensors = policy.trim(comp.prompt_ids[rows], comp.prompt_mask[rows],
-                                      comp.completion_ids[rows], comp.completion_mask[rows])
+            for _, tensors in policy.microbatches(completion_tensors(comp), self.micro):
                 self._accumulate(model, theta, delta, tensors, theta_new)
 
     def _accumulate(self, model, theta, delta, tensors, theta_new) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from probes.base import SetupContext
-from probes.delta_h import DeltaHProbe, sequence_stats
+from probes.delta_h import DeltaHProbe, completion_tensors, sequence_stats
 from probes.functional import delta_h as F
 from rl_training import checkpoint, policy
 from rl_training.config import config_from_dict, grad_accum, parse_overrides
@@ -133,10 +133,8 @@ class EntropyExperiment:
         self.probe.baseline = torch.where(cnt > 0, G_sum / cnt.clamp(min=1), torch.zeros_like(cnt))
 
     def _chunks(self, comp):
-        n, m = comp.completion_ids.shape[0], self.probe.micro
-        for s in range(0, n, m):
-            rows = slice(s, s + m)
-            yield policy.trim(comp.prompt_ids[rows], comp.prompt_mask[rows], comp.completion_ids[rows], comp.completion_mask[rows])
+        for _, tensors in policy.microbatches(completion_tensors(comp), self.probe.micro):
+            yield tensors
 
     def delta_h(self, delta: dict, ebatch, scale: float = 1.0) -> dict[str, float]:
         """δH₁ = ⟨∇H, scale·Δθ⟩ and ΔH_true at θ + scale·Δθ (per sequence), with SEs."""

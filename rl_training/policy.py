@@ -19,6 +19,14 @@ def trim(prompt_ids, prompt_mask, completion_ids, completion_mask):
     return prompt_ids[:, start:], prompt_mask[:, start:], completion_ids[:, :stop], completion_mask[:, :stop]
 
 
+def microbatches(tensors, size: int):
+    """(rows, trimmed (prompt_ids, prompt_mask, completion_ids, completion_mask)) per chunk of ``size`` rows."""
+    n = tensors[0].shape[0]
+    for s in range(0, n, size):
+        rows = slice(s, s + size)
+        yield rows, trim(*(t[rows] for t in tensors))
+
+
 def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float, forward=None):
     """[B, L, V] logits / T that predict each completion token (only those positions are projected).
 
@@ -56,13 +64,11 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def score(model, batch_tensors, temperature: float, microbatch_size: int, with_entropy: bool = False):
     """No-grad log-probs (and entropies) [N, L] of whole rollouts, in microbatches."""
-    prompt_ids, prompt_mask, completion_ids, completion_mask = batch_tensors
-    n, width = completion_ids.shape
+    completion_mask = batch_tensors[3]
+    n, width = completion_mask.shape
     logp = torch.zeros(n, width)
     ent = torch.zeros(n, width) if with_entropy else None
-    for s in range(0, n, microbatch_size):
-        sl = slice(s, s + microbatch_size)
-        p, pm, c, cm = trim(prompt_ids[sl], prompt_mask[sl], completion_ids[sl], completion_mask[sl])
+    for sl, (p, pm, c, cm) in microbatches(batch_tensors, microbatch_size):
         logits = completion_logits(model, p, pm, c, cm, temperature)
         w = c.shape[1]
         logp[sl, :w] = token_logprobs(logits, c).float().cpu()
