@@ -31,7 +31,7 @@ class StepContext:
     token_logp: torch.Tensor | None = None  # [b, L] detached log π of the microbatch's tokens
     microbatch_index: int = -1
     num_microbatches: int = 0
-    params_before: dict[str, torch.Tensor] | None = None  # snapshot taken before optimizer.step
+    params_before: dict[str, torch.Tensor] | None = None  # θ_k: taken once per step, before the first optimizer.step
     helpers: dict[str, Callable] = field(default_factory=dict)
 
     def replace(self, **changes) -> StepContext:
@@ -41,7 +41,8 @@ class StepContext:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def delta_theta(self) -> dict[str, torch.Tensor]:
-        """θ_new − θ_old of the real optimizer step (after on_after_optimizer_step only)."""
+        """θ_now − θ_k of the real optimizer step(s) (in on_after_optimizer_step only): with
+        ppo_epochs > 1, epoch e sees the change of the e + 1 updates made so far in this step."""
         assert self.params_before is not None, "set needs_param_snapshot = True on the probe"
         return {n: p.detach() - self.params_before[n] for n, p in self.trainable().items()}
 

@@ -1,10 +1,22 @@
 """Runs the due probes at each hook, reduces their stats across ranks, isolates failures.
 
-Reduction: every sum-stat of every due probe (plus one failure flag per probe) is packed into
-one flat float64 buffer and all-reduced ONCE per step; max- and min-stats take one more
-collective each, cat-stats an all_gather. At world_size 1 nothing is communicated. The set of
-packed stats is fixed when the step begins, so ranks always agree on the buffer layout even if
-a probe fails on one rank only (it is then disabled on every rank).
+Reduction: every sum-stat of every due probe, plus one failure flag for EVERY probe (due or
+not), is packed into one flat float64 buffer and all-reduced ONCE per step; max- and min-stats
+take one more collective each, cat-stats one all_gather_object. At world_size 1 nothing is
+communicated.
+
+Failures on one rank only must not make the ranks disagree on what they send, or a collective
+hangs or mixes up buffers. So the layout depends only on state every rank shares (the step and
+the set of disabled probes), never on what a probe did on this rank:
+- each due probe owns a fixed slot per reduction, sized from its declared defaults; a probe
+  that failed in a hook, or whose stats do not fit its slot (packing fails), sends zeros there
+  and sets its flag;
+- a probe whose ``compute()`` fails (after the collective) is skipped on that rank from then on
+  and its flag rides in the NEXT step's buffer (flags cover all probes and are sent every step,
+  so this needs no extra collective, even when the probe is not due then);
+- a probe flagged on any rank is disabled on every rank at that reduce, and logs nothing then.
+So a compute failure on one rank costs that probe one more step on the others, whose values of
+the failing step are still logged (they were computed from correctly reduced stats).
 """
 
 from __future__ import annotations
@@ -56,9 +68,10 @@ class ProbeManager:
     def __init__(self, probes: list[Probe], strict: bool = False):
         self.probes = probes
         self.strict = strict
-        self.disabled: set[str] = set()
+        self.disabled: set[str] = set()  # identical on every rank
         self._due: list[Probe] = []
-        self._failed: set[str] = set()
+        self._failed: set[str] = set()  # failed on this rank during this step
+        self._compute_failed: set[str] = set()  # failed in this rank's last compute(); flagged at the next reduce
         self._time: dict[str, float] = {}
 
     @classmethod
@@ -74,17 +87,34 @@ class ProbeManager:
 
     def begin_step(self, step: int) -> None:
         self._due = [p for p in self.probes if p.name not in self.disabled and p.is_due(step)]
-        self._failed = set()
+        # A probe whose compute() failed here stays due (the layout is shared) but does not run.
+        self._failed = {p.name for p in self._due} & self._compute_failed
         self._time = {p.name: 0.0 for p in self._due}
         for p in self._due:
             p.reset_stats()
 
-    @property
-    def wants_param_snapshot(self) -> bool:
-        return any(p.needs_param_snapshot for p in self._live())
+    def param_snapshot(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """A copy of ``params`` if a live due probe needs one (else None). Its time is shared
+        equally by the probes that asked, so their ``time_s`` add up to the probes' overhead."""
+        askers = [p for p in self._live() if p.needs_param_snapshot]
+        if not askers:
+            return None
+        t0 = time.perf_counter()
+        snapshot = {n: t.detach().clone() for n, t in params.items()}
+        share = (time.perf_counter() - t0) / len(askers)
+        for p in askers:
+            self._time[p.name] += share
+        return snapshot
 
     def _live(self) -> list[Probe]:
         return [p for p in self._due if p.name not in self._failed]
+
+    def _fail(self, p: Probe, where: str) -> None:
+        """Called from an ``except`` block: re-raise when strict, else log and skip p this step."""
+        if self.strict:
+            raise  # the exception the caller is handling
+        log.error("probe %s failed in %s; disabled from now on:\n%s", p.name, where, traceback.format_exc())
+        self._failed.add(p.name)
 
     def _call(self, hook: str, ctx: StepContext) -> None:
         for p in self._live():
@@ -92,10 +122,7 @@ class ProbeManager:
             try:
                 getattr(p, hook)(ctx)
             except Exception:
-                if self.strict:
-                    raise
-                log.error("probe %s failed in %s; disabled from now on:\n%s", p.name, hook, traceback.format_exc())
-                self._failed.add(p.name)
+                self._fail(p, hook)
             finally:
                 self._time[p.name] += time.perf_counter() - t0
 
@@ -110,41 +137,72 @@ class ProbeManager:
 
     # -- reduction ---------------------------------------------------------------------
     def reduce(self, world) -> dict[str, float]:
-        """All-reduce the due probes' stats, compute, and return probe/<name>/<key> values."""
-        due = self._due
-        if not due:
+        """All-reduce the due probes' stats and every probe's failure flag, compute, and
+        return probe/<name>/<key> values. Every rank calls it every step."""
+        if not self.probes:
             return {}
-        layout = {kind: [(p, n) for p in due for n, s in p._declared.items() if s.reduce == kind] for kind in ("sum", "max", "min")}
-        flags = torch.tensor([float(p.name in self._failed) for p in due], dtype=torch.float64)
-        sums = torch.cat([_pack(layout["sum"]), flags])
-        world.all_reduce_sum(sums)  # the one collective for every sum-stat of every probe
-        _unpack(layout["sum"], sums)
+        due = self._due
+        # Pack everything before the first collective: a packing failure must reach the flags.
+        packed = {kind: [self._pack_slot(p, kind) for p in due] for kind in ("sum", "max", "min")}
+        cats = {p.name: self._pack_cats(p) for p in due if _names(p, "cat")}
+        flags = torch.tensor([float(p.name in self._failed | self._compute_failed) for p in self.probes],
+                             dtype=torch.float64)
+        sums = world.all_reduce_sum(torch.cat([*packed["sum"], flags]))  # the one collective of every sum-stat
+        failed_anywhere = {p.name for p, f in zip(self.probes, sums[len(sums) - len(flags):].tolist()) if f > 0}
+        self.disabled |= failed_anywhere
+        self._compute_failed = set()
+        reduced = {"sum": sums[: len(sums) - len(flags)]}
         for kind, op in (("max", world.all_reduce_max), ("min", world.all_reduce_min)):
-            if layout[kind]:
-                _unpack(layout[kind], op(_pack(layout[kind])))
-        for p in due:
-            for n, s in p._declared.items():
-                if s.reduce == "cat":
-                    parts = world.all_gather_object([t.detach().cpu() for t in p.stats[n]])
-                    p.stats[n] = [t for part in parts for t in part]
-        failed_anywhere = {p.name for p, f in zip(due, sums[len(sums) - len(due) :].tolist()) if f > 0}
+            if any(slot.numel() for slot in packed[kind]):
+                reduced[kind] = op(torch.cat(packed[kind]))
+        gathered = world.all_gather_object(cats) if cats else []
         out: dict[str, float] = {}
-        for p in due:
+        for i, p in enumerate(due):
             if p.name in failed_anywhere:
-                self.disabled.add(p.name)
                 continue
+            for kind, flat in reduced.items():
+                start = sum(slot.numel() for slot in packed[kind][:i])
+                _unpack(p, kind, flat[start : start + packed[kind][i].numel()])
+            for n in _names(p, "cat"):
+                p.stats[n] = [t for part in gathered for t in part[p.name][n]]
             try:
                 values = p.compute()
             except Exception:
                 if self.strict:
                     raise
                 log.error("probe %s failed in compute; disabled from now on:\n%s", p.name, traceback.format_exc())
-                self.disabled.add(p.name)
+                self._compute_failed.add(p.name)
                 continue
             out.update({f"probe/{p.name}/{k}": float(v) for k, v in values.items()})
             out[f"probe/{p.name}/time_s"] = self._time[p.name]
         self._due = []
         return out
+
+    def _pack_slot(self, p: Probe, kind: str) -> torch.Tensor:
+        """p's stats of one reduction as a float64 vector of the size its declaration fixes;
+        zeros (and p marked failed) if it failed earlier or its stats do not fit."""
+        names = _names(p, kind)
+        size = sum(_size(p._declared[n].default) for n in names)
+        if p.name not in self._failed:
+            try:
+                parts = []
+                for n in names:
+                    flat = torch.as_tensor(p.stats[n], dtype=torch.float64).detach().cpu().reshape(-1)
+                    if flat.numel() != _size(p._declared[n].default):
+                        raise ValueError(f"stat {n!r} has {flat.numel()} values, declared {_size(p._declared[n].default)}")
+                    parts.append(flat)
+                return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+            except Exception:
+                self._fail(p, f"packing its {kind}-stats")
+        return torch.zeros(size, dtype=torch.float64)
+
+    def _pack_cats(self, p: Probe) -> dict[str, list[torch.Tensor]]:
+        if p.name not in self._failed:
+            try:
+                return {n: [torch.as_tensor(t).detach().cpu() for t in p.stats[n]] for n in _names(p, "cat")}
+            except Exception:
+                self._fail(p, "packing its cat-stats")
+        return {n: [] for n in _names(p, "cat")}
 
     # -- checkpoint --------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -152,23 +210,25 @@ class ProbeManager:
 
     def load_state_dict(self, sd: dict) -> None:
         self.disabled = set(sd.get("disabled", []))
+        self._compute_failed = set()
         for p in self.probes:
             if p.name in sd.get("probes", {}):
                 p.load_state_dict(sd["probes"][p.name])
 
 
-def _pack(entries) -> torch.Tensor:
-    """Scalar and tensor stats of (probe, name) entries, flattened into one float64 vector."""
-    parts = [torch.as_tensor(p.stats[n], dtype=torch.float64).detach().cpu().reshape(-1) for p, n in entries]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+def _names(p: Probe, kind: str) -> list[str]:
+    return [n for n, s in p._declared.items() if s.reduce == kind]
 
 
-def _unpack(entries, flat: torch.Tensor) -> None:
-    """Write reduced values back: floats stay floats, tensors keep their shape (as float64)."""
+def _size(default) -> int:
+    return default.numel() if isinstance(default, torch.Tensor) else 1
+
+
+def _unpack(p: Probe, kind: str, slot: torch.Tensor) -> None:
+    """Write p's reduced values back: floats stay floats, tensors take their declared shape (float64)."""
     offset = 0
-    for p, n in entries:
-        old = p.stats[n]
-        size = old.numel() if isinstance(old, torch.Tensor) else 1
-        chunk = flat[offset : offset + size]
-        p.stats[n] = chunk.reshape(old.shape).clone() if isinstance(old, torch.Tensor) else float(chunk.item())
-        offset += size
+    for n in _names(p, kind):
+        default = p._declared[n].default
+        chunk = slot[offset : offset + _size(default)]
+        p.stats[n] = chunk.reshape(default.shape).clone() if isinstance(default, torch.Tensor) else float(chunk.item())
+        offset += _size(default)

@@ -9,9 +9,13 @@ Layout of one checkpoint (rank 0 writes; every rank contributes its RNG state):
     step_N/manifest.json       sha256 and size of every file above, written last
 
 A checkpoint is assembled in a temporary folder and renamed into place; ``latest`` (a small
-text file naming the step folder) is replaced after that. A process killed at any moment
-therefore leaves the previous checkpoint and ``latest`` intact. Everything is loaded with
-``torch.load(weights_only=True)`` and safetensors only.
+text file naming the step folder) is replaced after that, and the checkpoints folder is
+fsynced after every rename so that the renames themselves survive a power loss. A re-save of
+an existing step moves the old folder aside (``.old_step_N``) before the new one is renamed
+into place and deletes it only after; ``recover`` puts an aside folder back if a process died
+between the two renames. A process killed at any moment therefore leaves a loadable
+checkpoint and ``latest`` intact. Everything is loaded with ``torch.load(weights_only=True)``
+and safetensors only.
 """
 
 from __future__ import annotations
@@ -86,16 +90,35 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make the entries of ``path`` (files created or renamed in it) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_tree(root: Path) -> None:
-    for p in sorted(root.rglob("*")):
+    """Files first, then every folder, deepest first: a folder's entries name synced files."""
+    paths = sorted(root.rglob("*"))
+    for p in paths:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
+    for d in sorted((p for p in paths if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        _fsync_dir(d)
+    _fsync_dir(root)
+
+
+def _aside(final: Path) -> Path:
+    return final.with_name(f".old_{final.name}")
 
 
 def save(ckpt_root: Path, step: int, *, model, optimizer, lr_scheduler, trainer_state: dict, keep_last_n: int) -> Path:
     """Write checkpoints/step_<step>/ atomically and point ``latest`` at it (rank 0 only)."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
+    recover(ckpt_root)
     final = ckpt_root / f"step_{step}"
     tmp = ckpt_root / f".tmp_step_{step}_{os.getpid()}"
     if tmp.exists():
@@ -110,15 +133,70 @@ def save(ckpt_root: Path, step: int, *, model, optimizer, lr_scheduler, trainer_
     manifest = {str(p.relative_to(tmp)): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files}
     (tmp / MANIFEST_FILE).write_text(json.dumps({"step": step, "files": manifest}, indent=1))
     _fsync_tree(tmp)
-    if final.exists():  # a re-save of the same step (e.g. after a resume) replaces it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    _swap_into_place(tmp, final, step)
     faults.checkpoint_point("before_latest", step)
-    latest_tmp = ckpt_root / f".{LATEST_FILE}.tmp"
-    latest_tmp.write_text(final.name + "\n")
-    os.replace(latest_tmp, ckpt_root / LATEST_FILE)
+    point_latest(ckpt_root, final)
+    shutil.rmtree(_aside(final), ignore_errors=True)  # the replaced checkpoint, if any
     _prune(ckpt_root, keep_last_n, protect=final)
     return final
+
+
+def _swap_into_place(tmp: Path, final: Path, step: int) -> None:
+    """Rename tmp to final. An existing final is renamed aside first, never deleted first, so
+    at every moment either final or its aside folder is a complete checkpoint."""
+    root = final.parent
+    replacing = final.exists()
+    if replacing:
+        os.replace(final, _aside(final))
+        _fsync_dir(root)
+        faults.checkpoint_point("between_renames", step)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        if replacing and not final.exists():  # put the old checkpoint back before failing
+            os.replace(_aside(final), final)
+        raise
+    _fsync_dir(root)
+
+
+def point_latest(ckpt_root: Path, folder: Path) -> None:
+    """Atomically make ``latest`` name ``folder`` (a step folder in ckpt_root)."""
+    latest_tmp = ckpt_root / f".{LATEST_FILE}.tmp"
+    latest_tmp.write_text(folder.name + "\n")
+    with open(latest_tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(latest_tmp, ckpt_root / LATEST_FILE)
+    _fsync_dir(ckpt_root)
+
+
+def recover(ckpt_root: Path) -> None:
+    """Finish a re-save that a killed process left half done (rank 0 only): an aside folder
+    whose step folder is missing goes back into place; one whose step folder exists (the new
+    checkpoint was complete) is deleted, and so are half-written temporary folders."""
+    for tmp in ckpt_root.glob(".tmp_step_*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for aside in ckpt_root.glob(".old_step_*"):
+        final = ckpt_root / aside.name.removeprefix(".old_")
+        if final.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(aside, final)
+            _fsync_dir(ckpt_root)
+
+
+def drop_later_steps(ckpt_root: Path, step: int) -> list[int]:
+    """Make ``step`` the last checkpoint (rank 0 only): ``latest`` names it, then every later
+    step folder — a branch abandoned by resuming from ``step`` — is deleted, so that it
+    neither survives next to the new branch nor makes keep_last_n prune the new branch's
+    checkpoints. Returns the deleted steps."""
+    later = [s for s in available_steps(ckpt_root) if s > step]
+    if later:
+        point_latest(ckpt_root, ckpt_root / f"step_{step}")  # first: a kill in between stays consistent
+    for s in later:
+        shutil.rmtree(ckpt_root / f"step_{s}")
+    if later:
+        _fsync_dir(ckpt_root)
+    return later
 
 
 def _prune(ckpt_root: Path, keep_last_n: int, protect: Path) -> None:

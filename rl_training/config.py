@@ -279,8 +279,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _check(0.0 <= m.lora.dropout < 1.0, "model.lora.dropout", "must be in [0, 1)")
     _check(len(m.lora.target_modules) > 0, "model.lora.target_modules", "must name at least one module")
     _check(d.task in ("arithmetic", "gsm8k"), "data.task", f"must be arithmetic|gsm8k, got {d.task!r}")
-    _check(d.reward in ("strict", "flexible") or "." in d.reward, "data.reward",
-           f"must be strict|flexible or a dotted path module.function, got {d.reward!r}")
+    _check(d.reward in ("strict", "flexible", "length_parity") or "." in d.reward, "data.reward",
+           f"must be strict|flexible|length_parity or a dotted path module.function, got {d.reward!r}")
     _check(1 <= d.level <= 5, "data.level", "must be in 1..5")
     _check(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
     _check(d.num_records is None or d.num_records > 0, "data.num_records", "must be > 0")
@@ -295,6 +295,11 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _check(r.generation_batch_size >= 1, "rollout.generation_batch_size", "must be >= 1")
     _check(t.total_steps >= 1, "train.total_steps", "must be >= 1")
     _check(t.microbatch_size >= 1, "train.microbatch_size", "must be >= 1")
+    # Whole groups per microbatch, or one group over consecutive microbatches: per-group
+    # statistics (GNS) accumulate a group while its rows are in hand.
+    _check(t.microbatch_size % r.group_size == 0 or r.group_size % t.microbatch_size == 0, "train.microbatch_size",
+           f"({t.microbatch_size}) must be a multiple or a divisor of rollout.group_size ({r.group_size}): "
+           "a microbatch holds whole prompt groups, or a group spans consecutive microbatches")
     _check(t.ppo_epochs >= 1, "train.ppo_epochs", "must be >= 1")
     _check(t.lr >= 0, "train.lr", "must be >= 0")
     _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "must be two numbers in [0, 1)")
@@ -313,6 +318,21 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _check(len(set(names)) == len(names), "probes.probes", f"has duplicate names: {names}")
     if world_size is not None:
         grad_accum(cfg, world_size)
+        _check_rank_quota(cfg, world_size)
+
+
+def _check_rank_quota(cfg: RunConfig, world_size: int) -> None:
+    """Each rank trains on buffer_size / world_size sequences of whole groups (the loss divides
+    by the full N), and its sampling rounds can produce that many, top-up included."""
+    r, per_rank = cfg.rollout, cfg.train.buffer_size // world_size
+    _check(per_rank % r.group_size == 0, "train.buffer_size",
+           f"({cfg.train.buffer_size}) / world_size ({world_size}) = {per_rank} sequences per rank is not a multiple "
+           f"of rollout.group_size ({r.group_size}): each rank trains on whole prompt groups")
+    most = r.max_rounds * r.prompts_per_round * r.group_size
+    _check(most >= per_rank, "rollout.max_rounds",
+           f"({r.max_rounds}) × rollout.prompts_per_round ({r.prompts_per_round}) × rollout.group_size "
+           f"({r.group_size}) = {most} sequences cannot fill train.buffer_size / world_size = {per_rank} per rank; "
+           "raise one of them")
 
 
 def grad_accum(cfg: RunConfig, world_size: int) -> int:

@@ -2,7 +2,8 @@
 
 RL_TRAINING_KILL_DURING_CHECKPOINT=<point>[:<step>]
     SIGKILL this process at <point> of a checkpoint write ("after_optimizer": files half
-    written; "before_latest": folder renamed, pointer not yet updated), optionally only when
+    written; "before_latest": folder renamed, pointer not yet updated; "between_renames": a
+    re-save's old folder moved aside, the new one not yet in place), optionally only when
     saving <step>.
 RL_TRAINING_KILL_RANK_AT_STEP=<rank>:<step>
     SIGKILL rank <rank> when it starts step <step>, on the first torchrun attempt only

@@ -189,7 +189,11 @@ def collect(model, tokenizer, scheduler, prompt_fn, reward_fn, cfg, *, step: int
         stats.underfilled_groups = missing
         accepted += rejected[-missing:]
     stats.seconds = time.perf_counter() - t0
-    return _assemble(accepted, G, tokenizer.pad_token_id, stats)
+    batch = _assemble(accepted, G, tokenizer.pad_token_id, stats)
+    # validate() guarantees both; the loss divides by the full buffer_size whatever we return.
+    quota = cfg.train.buffer_size // world.world_size
+    assert len(batch) == quota, f"rank {world.rank} collected {len(batch)} sequences, not the {quota} of its quota"
+    return batch
 
 
 def _add_group_stats(stats: RolloutStats, g: _Group, rejected: bool) -> None:

@@ -7,10 +7,12 @@
       for i, mb in enumerate(microbatches(rollout)):      # grad_accum = buffer / (world × micro)
           with no_sync unless last: loss(mb).backward()
           probes.on_after_backward(ctx)           # local, per-microbatch gradients (GNS small batch)
-      probes.on_before_optimizer_step(ctx)        # synced gradient (GNS big batch); snapshot params
-      clip; optimizer.step(); lr_scheduler.step()
-      probes.on_after_optimizer_step(ctx)         # Δθ = θ_new − θ_old (exact, any optimizer)
+      probes.on_before_optimizer_step(ctx)        # synced gradient (GNS big batch)
+      if epoch == 0: snapshot θ_k                 # once per step, only if a due probe asks
+      clip; optimizer.step()
+      probes.on_after_optimizer_step(ctx)         # Δθ = θ_now − θ_k (exact, any optimizer)
       optimizer.zero_grad()                       # only after the probes ran
+    lr_scheduler.step()                           # counts trainer steps, not PPO epochs
     stats = probes.reduce()                       # ONE all_reduce for all sum-stats of all probes
     logger.log_dict(stats | train_stats, step)    # rank 0: TensorBoard + logs/train_log.jsonl
 
@@ -52,6 +54,17 @@ def build_optimizer(model, cfg: RunConfig):
         return 1.0
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def clip_and_norm(params: list[torch.Tensor], max_norm: float) -> float:
+    """Total gradient norm before clipping; clips in place when max_norm > 0. Parameters
+    without a gradient (trainable but outside this step's graph) count as zero."""
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in grads])))
 
 
 # Per-step sums reduced across ranks in one collective; (name, reduce).
@@ -103,9 +116,11 @@ class Trainer:
         torch.manual_seed(stable_seed(cfg.seed, "train", step, world.rank))  # LoRA dropout
 
         sums = dict.fromkeys((name for name, _ in _TRAIN_STATS), 0.0)
-        ctx = StepContext(step, self.policy, self.optimizer, self.lr_scheduler.get_last_lr()[0], batch, world, cfg)
+        lr = self.lr_scheduler.get_last_lr()[0]  # the lr of every PPO epoch of this step
+        ctx = StepContext(step, self.policy, self.optimizer, lr, batch, world, cfg)
         micro = cfg.train.microbatch_size
         grad_norm = 0.0
+        snapshot = None
         for epoch in range(cfg.train.ppo_epochs):
             ctx = ctx.replace(epoch=epoch)
             for i in range(self.accum):
@@ -118,23 +133,20 @@ class Trainer:
                     ctx.replace(microbatch=mb, microbatch_index=i, num_microbatches=self.accum, token_logp=logp)
                 )
             self.probes.on_before_optimizer_step(ctx)
-            snapshot = (
-                {n: p.detach().clone() for n, p in self.trainable.items()} if self.probes.wants_param_snapshot else None
-            )
-            if cfg.train.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), cfg.train.grad_clip))
-            else:
-                grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.trainable.values()])))
-            lr = self.lr_scheduler.get_last_lr()[0]
+            if epoch == 0:  # θ_k, before the first update of the step; later epochs see it too
+                snapshot = self.probes.param_snapshot(self.trainable)
+            grad_norm = clip_and_norm(list(self.trainable.values()), cfg.train.grad_clip)
             self.optimizer.step()
-            self.lr_scheduler.step()
             self.probes.on_after_optimizer_step(ctx.replace(params_before=snapshot))
             self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
 
         self.step = step
         self._add_rollout_stats(sums, batch.stats)
         metrics = self._reduce_metrics(sums)
         metrics.update(self.probes.reduce(world))
+        # The scheduler's state is the same on every rank (it sees the gathered pass rates).
+        metrics.update({f"scheduler/{b}": float(n) for b, n in self.scheduler.bucket_counts().items()})
         metrics.update({"train/grad_norm": grad_norm, "train/lr": lr, "time/step_s": time.perf_counter() - t_step})
         return StepOutput(step, metrics, batch)
 
@@ -216,12 +228,7 @@ class Trainer:
     def _reduce_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         names = [n for n, _ in _TRAIN_STATS]
         local = torch.tensor([sums[n] for n in names], dtype=torch.float64)
-        if self.world.enabled:  # one collective: gather all, reduce each column its own way
-            gathered = [torch.zeros_like(local) for _ in range(self.world.world_size)]
-            torch.distributed.all_gather(gathered, local)
-            stacked = torch.stack(gathered)
-        else:
-            stacked = local.unsqueeze(0)
+        stacked = self.world.all_gather(local)  # one collective: gather all, reduce each column its own way
         s = {n: float(stacked[:, j].max() if red == "max" else stacked[:, j].sum()) for j, (n, red) in enumerate(_TRAIN_STATS)}
         div = lambda a, b: a / b if b else float("nan")  # noqa: E731
         return {

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from rl_training.config import grad_accum, load_config, parse_overrides
+from rl_training.config import grad_accum, load_config, parse_overrides, validate
 from rl_training.errors import ConfigError
 
 CFG = Path(__file__).resolve().parents[1] / "cfg"
@@ -61,6 +61,36 @@ def test_buffer_not_divisible_is_an_error():
     cfg = load_config(CFG / "tiny_test.yaml", ["train.buffer_size=12"])
     with pytest.raises(ConfigError, match="train.buffer_size.*divisible"):
         grad_accum(cfg, 2)
+
+
+def test_each_rank_holds_whole_prompt_groups():
+    # 8 sequences over 4 ranks is 2 per rank: half a group of 4 (today: floor division gave
+    # every rank zero groups, and the loss still divided by the full N).
+    cfg = load_config(CFG / "tiny_test.yaml", ["train.microbatch_size=2"])
+    validate(cfg, 1)
+    with pytest.raises(ConfigError, match=r"^'train.buffer_size' \(8\) / world_size \(4\) = 2 .*rollout.group_size \(4\)"):
+        validate(cfg, 4)
+
+
+def test_sampling_rounds_must_be_able_to_fill_the_buffer():
+    # 1 prompt × 1 round × G=4 is 4 sequences: at most half of this rank's 8, even with top-up.
+    cfg = load_config(CFG / "tiny_test.yaml", ["rollout.prompts_per_round=1", "rollout.max_rounds=1"])
+    with pytest.raises(ConfigError, match=r"^'rollout.max_rounds' \(1\) × rollout.prompts_per_round \(1\) × "
+                                          r"rollout.group_size \(4\) = 4 sequences cannot fill"):
+        validate(cfg, 1)
+    validate(load_config(CFG / "tiny_test.yaml", ["rollout.prompts_per_round=1", "rollout.max_rounds=2"]), 1)
+
+
+@pytest.mark.parametrize("micro, ok", [(1, True), (2, True), (4, True), (8, True), (3, False), (6, False)])
+def test_microbatches_hold_whole_groups_or_split_one_group(micro, ok):
+    overrides = [f"train.microbatch_size={micro}", "train.buffer_size=24", "rollout.group_size=4",
+                 "rollout.prompts_per_round=6"]
+    if ok:
+        load_config(CFG / "tiny_test.yaml", overrides)
+    else:
+        with pytest.raises(ConfigError, match=rf"^'train.microbatch_size' \({micro}\) must be a multiple or a divisor "
+                                              r"of rollout.group_size \(4\)"):
+            load_config(CFG / "tiny_test.yaml", overrides)
 
 
 def test_missing_file():

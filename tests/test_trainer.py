@@ -1,6 +1,7 @@
 import json
 import math
 
+import pytest
 import torch
 
 from tests.helpers.runs import adapter, run_in_process, train_log
@@ -49,3 +50,72 @@ def test_kl_and_ppo_epochs_are_wired(tmp_path):
     assert first["train/kl"] == 0 and second["train/kl"] > 0
     # The second PPO epoch is off-policy after a large step: the clip engages.
     assert first["train/clip_frac"] > 0
+
+
+def _session(*overrides):
+    from rl_training.config import load_config
+    from rl_training.dist import DistInfo
+    from rl_training.session import build_session
+    from tests.helpers.runs import TINY
+
+    return build_session(load_config(TINY, list(overrides)), DistInfo())
+
+
+def test_lr_schedule_counts_trainer_steps_not_ppo_epochs(tmp_path):
+    # Warmup factor (s + 1) / (warmup + 1) at trainer step s (0-based), then constant; the
+    # scheduler used to advance once per PPO epoch, twice per step here.
+    run = run_in_process(tmp_path, "train.total_steps=3", "train.ppo_epochs=2", "train.warmup_steps=2",
+                         "train.lr=1e-3", "probes.probes=[]")
+    assert [r["train/lr"] for r in train_log(run)] == [1e-3 * 1 / 3, 1e-3 * 2 / 3, 1e-3]
+
+
+def test_scheduler_bucket_counts_are_logged_and_prompts_move_between_buckets(tmp_path):
+    # Narrow "normal" so that a group's pass rate of 1/4 (or 3/4) moves its prompt to hard (easy).
+    run = run_in_process(tmp_path, "train.total_steps=3", "probes.probes=[]", "scheduler.hard_threshold=0.4",
+                         "scheduler.easy_threshold=0.6")
+    counts = [(r["scheduler/hard"], r["scheduler/normal"], r["scheduler/easy"]) for r in train_log(run)]
+    assert len({sum(c) for c in counts}) == 1, counts  # every train prompt is in one bucket
+    # Every prompt starts "normal" (unseen) and observed prompts leave it, step after step.
+    hard, normal, easy = zip(*counts)
+    assert normal[0] < sum(counts[0]) and len(set(counts)) == 3 and hard[-1] > 0 and easy[-1] > 0, counts
+
+
+def test_collect_returns_exactly_the_rank_quota():
+    from rl_training import rollout
+
+    s = _session("probes.probes=[]")
+    tr, cfg = s.trainer, s.cfg
+    batch = rollout.collect(tr.policy, tr.tokenizer, tr.scheduler, tr.prompt_fn, tr.reward_fn, cfg, step=1, world=s.world)
+    assert len(batch) == cfg.train.buffer_size
+    # One prompt in one round cannot fill 8 sequences (validate refuses such a config; the
+    # assertion guards the invariant the loss normaliser relies on).
+    cfg.rollout.prompts_per_round, cfg.rollout.max_rounds = 1, 1
+    with pytest.raises(AssertionError, match="4 sequences, not the 8"):
+        rollout.collect(tr.policy, tr.tokenizer, tr.scheduler, tr.prompt_fn, tr.reward_fn, cfg, step=2, world=s.world)
+
+
+def test_a_trainable_parameter_without_grad_does_not_crash_the_step():
+    s = _session("probes.probes=[]", "train.grad_clip=0")
+    tr = s.trainer
+    unused = torch.nn.Parameter(torch.ones(3))  # trainable, outside the forward: never gets a grad
+    tr.trainable["unused"] = unused
+    out = tr.train_step()
+    assert math.isfinite(out.metrics["train/grad_norm"]) and out.metrics["train/grad_norm"] > 0
+    s.cfg.train.grad_clip = 1.0
+    assert math.isfinite(tr.train_step().metrics["train/grad_norm"])
+    assert unused.grad is None and torch.equal(unused.detach(), torch.ones(3))
+
+
+def test_param_snapshot_is_taken_once_per_step_before_the_first_epoch():
+    s = _session("probes.probes=[{name: snap, kind: tests.helpers.toy_probes.SnapshotProbe}]", "train.ppo_epochs=2",
+                 "train.lr=1e-2")
+    tr = s.trainer
+    theta_k = {n: p.detach().clone() for n, p in tr.trainable.items()}
+    out = tr.train_step()
+    (probe,) = tr.probes.probes
+    (step0, epoch0, snap0), (step1, epoch1, snap1) = probe.seen
+    assert (step0, epoch0, step1, epoch1) == (1, 0, 1, 1)
+    assert snap0 is snap1, "one snapshot per step, handed to every epoch"
+    assert all(torch.equal(snap0[n], theta_k[n]) for n in theta_k)
+    assert any(not torch.equal(p, theta_k[n]) for n, p in tr.trainable.items())
+    assert out.metrics["probe/snap/time_s"] > 0

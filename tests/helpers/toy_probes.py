@@ -1,5 +1,7 @@
 """Probes for manager tests; also an example of a user probe named by dotted path."""
 
+import torch
+
 from probes.base import Probe
 
 
@@ -28,3 +30,70 @@ class BrokenProbe(Probe):
 
     def on_before_optimizer_step(self, ctx):
         raise RuntimeError("boom")
+
+
+class ComputeFailsOnRank(Probe):
+    """Raises in ``compute`` on one rank only (option ``rank``, default 1). Counts one per step
+    in a sum-stat; option ``trace`` names a file that gets a "<rank> <step>" line each time its
+    hook runs, so a multi-process test can see on which ranks and steps it still ran."""
+
+    kind = "test_compute_fails_on_rank"
+
+    def setup(self, ctx):
+        self.rank = ctx.world.rank
+        self.fail_rank = int(self.options.get("rank", 1))
+        self.trace = self.options.get("trace")
+        self.hook_steps: list[int] = []
+        self.add_stat("x")
+
+    def on_before_optimizer_step(self, ctx):
+        if ctx.epoch > 0:
+            return
+        self.stats["x"] += 1.0
+        self.hook_steps.append(ctx.step)
+        if self.trace:
+            with open(self.trace, "a") as f:
+                f.write(f"{self.rank} {ctx.step}\n")
+
+    def compute(self):
+        if self.rank == self.fail_rank:
+            raise RuntimeError(f"compute fails on rank {self.rank}")
+        return {"x": self.stats["x"]}
+
+
+class BadShapeOnRank(Probe):
+    """Declares a 3-vector; on one rank (option ``rank``, default 1) it leaves a 5-vector
+    behind, so packing its stats fails there only."""
+
+    kind = "test_bad_shape_on_rank"
+
+    def setup(self, ctx):
+        self.rank = ctx.world.rank
+        self.fail_rank = int(self.options.get("rank", 1))
+        self.add_stat("v", torch.zeros(3))
+        self.add_stat("top", reduce="max")
+
+    def on_before_optimizer_step(self, ctx):
+        self.stats["v"] = torch.ones(5 if self.rank == self.fail_rank else 3)
+        self.stats["top"] = 1.0
+
+    def compute(self):
+        return {"v0": float(self.stats["v"][0]), "top": self.stats["top"]}
+
+
+class SnapshotProbe(Probe):
+    """Asks for the parameter snapshot and keeps what it was handed, per PPO epoch."""
+
+    kind = "test_snapshot"
+    needs_param_snapshot = True
+
+    def setup(self, ctx):
+        self.seen: list[tuple[int, int, dict]] = []  # (step, epoch, params_before)
+        self.add_stat("calls")
+
+    def on_after_optimizer_step(self, ctx):
+        self.seen.append((ctx.step, ctx.epoch, ctx.params_before))
+        self.stats["calls"] += 1.0
+
+    def compute(self):
+        return {"calls": self.stats["calls"]}

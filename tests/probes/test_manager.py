@@ -113,3 +113,132 @@ def test_world_size_one_communicates_nothing():
     out = m.reduce(DistInfo())  # would raise without an initialised process group if it communicated
     assert out["probe/p/a"] == 1.5 and math.isfinite(out["probe/p/ratio"])
     assert torch.distributed.is_initialized() is False
+
+
+class ThreadWorld:
+    """Rank ``rank`` of a world of threads: each collective waits for every rank, checks that all
+    called the same operation with the same tensor shape (what gloo/nccl need to not hang or
+    mix up buffers), then hands each rank the reduced result."""
+
+    def __init__(self, shared: dict, rank: int, world_size: int):
+        self.shared, self.rank, self.world_size = shared, rank, world_size
+
+    def _meet(self, op, payload):
+        slots, barrier = self.shared["slots"], self.shared["barrier"]
+        slots[self.rank] = (op, payload)
+        barrier.wait()
+        seen = list(slots)
+        barrier.wait()  # nobody overwrites a slot before every rank has read them all
+        ops = {o for o, _ in seen}
+        assert len(ops) == 1, f"ranks called different collectives: {ops}"
+        if isinstance(payload, torch.Tensor):
+            shapes = {tuple(p.shape) for _, p in seen}
+            assert len(shapes) == 1, f"{op}: ranks sent different layouts {shapes}"
+        return [p for _, p in seen]
+
+    def _reduce(self, op, t, fn):
+        parts = self._meet(op, t.clone())
+        return t.copy_(fn(torch.stack(parts)))
+
+    def all_reduce_sum(self, t):
+        return self._reduce("sum", t, lambda s: s.sum(0))
+
+    def all_reduce_max(self, t):
+        return self._reduce("max", t, lambda s: s.amax(0))
+
+    def all_reduce_min(self, t):
+        return self._reduce("min", t, lambda s: s.amin(0))
+
+    def all_gather_object(self, obj):
+        return self._meet("gather_object", obj)
+
+
+def run_ranks(make_probes, steps, world_size=2):
+    """Each rank in a thread: setup, then per step begin, hook, reduce. -> per rank (outputs, manager)."""
+    import threading
+    from types import SimpleNamespace
+
+    shared = {"slots": [None] * world_size, "barrier": threading.Barrier(world_size, timeout=20)}
+    results, errors = [None] * world_size, []
+
+    def rank_main(rank):
+        try:
+            world = ThreadWorld(shared, rank, world_size)
+            m = ProbeManager(make_probes(), strict=False)
+            m.setup(SetupContext(None, world, None, None, {}))
+            outs = []
+            for step in steps:
+                m.begin_step(step)
+                m.on_before_optimizer_step(SimpleNamespace(step=step, epoch=0))
+                outs.append(m.reduce(world))
+            results[rank] = (outs, m)
+        except Exception as e:  # noqa: BLE001 - reported by the test thread
+            errors.append(e)
+            shared["barrier"].abort()
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    if errors:
+        raise errors[0]
+    return results
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_compute_failing_on_one_rank_disables_the_probe_on_every_rank_at_the_next_reduce(every):
+    from tests.helpers.toy_probes import ComputeFailsOnRank
+
+    steps = [1, 2, 3, 4]
+    first_due = every  # steps 1.. at every=1; 2, 4 at every=2
+    (outs0, m0), (outs1, m1) = run_ranks(lambda: [ComputeFailsOnRank("flaky", every), SumProbe("good")], steps)
+    # Rank 0 computed fine at the first due step; rank 1 raised. From the next reduce on (a
+    # step where the probe is not due too) both have dropped it, and nothing hung.
+    assert outs0[first_due - 1]["probe/flaky/x"] == 2.0
+    for outs in (outs0, outs1):
+        for step, out in zip(steps, outs):
+            assert out["probe/good/a"] == 3.0, step
+            if step > first_due:
+                assert not any(k.startswith("probe/flaky/") for k in out), step
+    assert m0.disabled == m1.disabled == {"flaky"}
+    flaky0, flaky1 = m0.probes[0], m1.probes[0]
+    assert flaky0.hook_steps == ([1, 2] if every == 1 else [2])
+    assert flaky1.hook_steps == [first_due], "a rank where the probe failed does not run it again"
+
+
+def test_packing_failure_on_one_rank_zero_fills_its_slot_and_disables_it_everywhere(caplog):
+    from tests.helpers.toy_probes import BadShapeOnRank
+
+    (outs0, m0), (outs1, m1) = run_ranks(lambda: [SumProbe("good"), BadShapeOnRank("bad")], [1, 2])
+    for outs in (outs0, outs1):
+        for out in outs:
+            assert out["probe/good/a"] == 3.0 and out["probe/good/peak"] == 7.0
+            assert not any(k.startswith("probe/bad/") for k in out)
+    assert m0.disabled == m1.disabled == {"bad"}
+    assert "probe bad failed" in caplog.text
+
+
+def test_param_snapshot_is_a_copy_and_its_time_is_shared_by_the_probes_that_asked(monkeypatch):
+    from types import SimpleNamespace
+
+    import probes.manager as manager_module
+    from tests.helpers.toy_probes import SnapshotProbe
+
+    class Other(SumProbe):  # needs no snapshot; its hooks do not run here
+        def compute(self):
+            return {}
+
+    m = _manager(SnapshotProbe("s1"), SnapshotProbe("s2"), Other("other"))
+    m.begin_step(1)
+    w = torch.ones(2)
+    with monkeypatch.context() as mp:
+        clock = iter([10.0, 14.0])
+        mp.setattr(manager_module, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+        snap = m.param_snapshot({"w": w})
+    assert torch.equal(snap["w"], w) and snap["w"].data_ptr() != w.data_ptr()
+    out = m.reduce(CountingWorld())
+    assert out["probe/s1/time_s"] == out["probe/s2/time_s"] == 2.0 and out["probe/other/time_s"] == 0.0
+    m2 = _manager(Other("other"))
+    m2.begin_step(1)
+    assert m2.param_snapshot({"w": w}) is None
