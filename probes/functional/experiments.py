@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 
 def mean_sd_se(xs: list[float]) -> tuple[float, float, float]:
@@ -51,10 +52,42 @@ def first_order_range(etas, true, true_se, pred, rel_tol: float = 0.1) -> list[f
     return ok
 
 
-def scaling_verdict(be_values: list[int], means: list[float], ses: list[float]) -> dict:
-    """Fit mean δH₁ = c + k/B_E (weighted by 1/SE²): a significant k (|k| > 3 SE) means the
-    estimate depends on the batch size — the signature of a biased (same-sample) baseline."""
-    fit = linear_fit([1.0 / b for b in be_values], means, [1.0 / (s * s) if s > 0 else 1.0 for s in ses])
-    trend = abs(fit["slope"]) > 3 * fit["slope_se"] if math.isfinite(fit["slope_se"]) else False
-    return {"verdict": "1/B_E trend" if trend else "converged", "limit": fit["intercept"],
-            "limit_se": fit["intercept_se"], "k": fit["slope"], "k_se": fit["slope_se"]}
+def known_se_fit(x: list[float], y: list[float], se: list[float]) -> dict[str, float]:
+    """Weighted least squares y = a·x + b with weights 1/se² where the SEs are known.
+
+    The covariance is the unscaled (XᵀWX)⁻¹: the SEs already say how far each y scatters,
+    so rescaling by the residual variance would only add the noise of an estimate with
+    n − 2 degrees of freedom (1–2 in a batch-scaling run). ``chi2`` (on ``dof`` = n − 2)
+    is the residual sum of squares in units of the SEs, a check that the model fits.
+    """
+    w = [1.0 / (s * s) for s in se]
+    sw = sum(w)
+    mx = sum(wi * xi for wi, xi in zip(w, x)) / sw
+    my = sum(wi * yi for wi, yi in zip(w, y)) / sw
+    sxx = sum(wi * (xi - mx) ** 2 for wi, xi in zip(w, x))
+    a = sum(wi * (xi - mx) * (yi - my) for wi, xi, yi in zip(w, x, y)) / sxx
+    b = my - a * mx
+    chi2 = sum(wi * (yi - a * xi - b) ** 2 for wi, xi, yi in zip(w, x, y))
+    return {"slope": a, "intercept": b, "slope_se": math.sqrt(1 / sxx),
+            "intercept_se": math.sqrt(1 / sw + mx * mx / sxx), "chi2": chi2, "dof": len(x) - 2}
+
+
+def scaling_verdict(be_values: list[int], means: list[float], ses: list[float], alpha: float = 0.01) -> dict:
+    """Fit mean δH₁ = c + k/B_E with the known SEs of the means (``known_se_fit``) and z-test k.
+
+    Verdict "1/B_E trend" when |k|/SE_k exceeds the two-sided normal quantile of level
+    ``alpha`` (default 0.01, |z| > 2.576): an unbiased estimator is then flagged in 1% of
+    experiments. A trend is the signature of a biased (same-sample) baseline. "undetermined"
+    when fewer than two B_E values or an SE is not positive and finite (no weight to give).
+    """
+    z_crit = NormalDist().inv_cdf(1 - alpha / 2)
+    usable = len(be_values) >= 2 and len(set(be_values)) >= 2 and all(s > 0 and math.isfinite(s) for s in ses)
+    if not usable:
+        nan = float("nan")
+        return {"verdict": "undetermined", "limit": nan, "limit_se": nan, "k": nan, "k_se": nan, "k_z": nan,
+                "alpha": alpha, "z_crit": z_crit, "chi2": nan, "dof": len(be_values) - 2}
+    fit = known_se_fit([1.0 / b for b in be_values], means, ses)
+    k_z = fit["slope"] / fit["slope_se"]
+    return {"verdict": "1/B_E trend" if abs(k_z) > z_crit else "converged", "limit": fit["intercept"],
+            "limit_se": fit["intercept_se"], "k": fit["slope"], "k_se": fit["slope_se"], "k_z": k_z,
+            "alpha": alpha, "z_crit": z_crit, "chi2": fit["chi2"], "dof": fit["dof"]}

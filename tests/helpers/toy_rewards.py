@@ -1,10 +1,6 @@
-"""Rewards for tests on tiny-random models, which never answer arithmetic correctly."""
+"""Rewards for tests on tiny-random models. The one the tiny config uses ships in the
+package (``data.reward: length_parity``); this name stays for dotted-path users."""
 
-from rl_training.rewards import RewardBreakdown
+from rl_training.rewards import length_parity_reward as length_parity
 
-
-def length_parity(completion: str, gold) -> RewardBreakdown:
-    """1 when the completion has an even number of characters: about half of the samples,
-    so tiny-random groups have reward variance and the loss has a gradient."""
-    ok = len(completion) % 2 == 0
-    return RewardBreakdown(format_ok=True, answer_ok=ok, parsed=str(len(completion)), reward=float(ok))
+__all__ = ["length_parity"]
