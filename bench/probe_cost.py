@@ -3,7 +3,8 @@
 Two trainers on the same config (SmolLM2 demo, group filtering off so that every step does
 the same work), one without probes and one with ``delta_h`` every step, alternate steps in
 one process. Prints seconds per step, the probe's overhead ratio, and its breakdown
-(E-batch generation, the gradient pass at θ_k, the SNIS forward at θ_{k+1}); writes JSON.
+(E-batch generation, the two forwards at θ_k and θ_{k+1}, the forward-mode derivative pass);
+writes JSON.
 
     python bench/probe_cost.py --steps 3 --be 8 --out bench/results/probe_cost.json
 """
@@ -32,12 +33,12 @@ def main() -> None:
     ap.add_argument("--cfg", default="cfg/smollm2_cpu_demo.yaml")
     ap.add_argument("--steps", type=int, default=3, help="measured steps each, after one warm-up step each")
     ap.add_argument("--be", type=int, default=8)
-    ap.add_argument("--estimator", default="rb")
+    ap.add_argument("--per-prompt", type=int, default=2, help="completions per E-batch prompt")
     ap.add_argument("--out", default="bench/results/probe_cost.json")
     args = ap.parse_args()
     world = dist.DistInfo()
     bare = build_session(load_config(args.cfg, COMMON + ["probes.probes=[]"]), world).trainer
-    probe_cfg = f"probes.probes=[{{name: delta_h, kind: delta_h, options: {{batch_size: {args.be}, estimator: {args.estimator}}}}}]"
+    probe_cfg = f"probes.probes=[{{name: delta_h, kind: delta_h, options: {{batch_size: {args.be}, completions_per_prompt: {args.per_prompt}}}}}]"
     probed = build_session(load_config(args.cfg, COMMON + [probe_cfg]), world).trainer
     rows = {"bare": [], "probed": []}
     for i in range(args.steps + 1):
@@ -52,13 +53,13 @@ def main() -> None:
             print(f"{name:7s} step {i}: {dt:6.1f} s " + " ".join(f"{k}={v:.1f}" for k, v in row.items() if k != "seconds"))
     bare_s = statistics.mean(r["seconds"] for r in rows["bare"])
     probed_s = statistics.mean(r["seconds"] for r in rows["probed"])
-    parts = {k: statistics.mean(r[k] for r in rows["probed"]) for k in ("time_gen_s", "time_grad_s", "time_snis_s", "time_s")}
+    parts = {k: statistics.mean(r[k] for r in rows["probed"]) for k in ("time_gen_s", "time_fwd_s", "time_jvp_s", "time_s")}
     summary = {
         "bare_s_per_step": bare_s, "probed_s_per_step": probed_s,
         "overhead_ratio": (probed_s - bare_s) / bare_s,
         "probe_time_ratio": parts["time_s"] / bare_s,
         "breakdown_ratio_of_bare_step": {k: v / bare_s for k, v in parts.items() if k != "time_s"},
-        "breakdown_s": parts, "be": args.be, "estimator": args.estimator, "steps": args.steps,
+        "breakdown_s": parts, "be": args.be, "per_prompt": args.per_prompt, "steps": args.steps,
         "loadavg": os.getloadavg(), "rows": rows, "cfg": args.cfg,
     }
     print(f"bare {bare_s:.1f} s/step, with δH probe (B_E={args.be}) {probed_s:.1f} s/step: "

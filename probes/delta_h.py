@@ -1,78 +1,84 @@
 """δH probe (kind ``delta_h``): predicted vs measured entropy change of one optimizer step.
 
-At a due step, before the update, an E-batch of B_E held-out prompts × 1 completion is
-sampled from π_θk (unfiltered; prompts and seeds keyed by (seed, step), independent of the
-training batch and of the number of ranks). After the real optimizer step, with
+At a due step, before the update, an E-batch is sampled from π_θk: n prompts of the probe's
+pool drawn without replacement (keyed by (seed, step), independent of the training batch and
+of the number of ranks), k completions each, unfiltered. After the real optimizer step, with
 Δθ = θ_{k+1} − θ_k taken from the parameters (Adam moments, bias correction, weight decay and
-clipping included):
+clipping included), three evaluations of the E-batch in the probe's precision
+(``probes/evaluation.py``): per-token h, log π(y_t) and the stopping probability P_S at θ_k and
+at θ_{k+1}, and their derivatives along Δθ (one forward-mode pass). From these
+(``probes/functional/delta_h.py``, where the estimators are derived):
 
-- δH₁ = ⟨∇H(θ_k), Δθ⟩, per sequence i from ONE forward+backward at θ_k on the E-batch
-  (``probes/directional.py``): Rao–Blackwellised (default; baseline b_t = the previous due
-  step's mean of G_{t+1} at position t, independent of this E-batch, so contributions are
-  iid) or score-function (leave-one-out baseline);
-- ΔH_true by self-normalised importance sampling on the same E-batch with one forward at
-  θ_{k+1}: w_i = exp(S_i(θ_{k+1}) − S_i(θ_k));
-- cov_pred = −η·Cov_tokens(log π, A) on the training batch (Cui et al. 2505.22617), the
-  naive prediction, for comparison.
+- δH₁ = ⟨∇H(θ_k), Δθ⟩, stop-aware Rao–Blackwellised;
+- ΔH_true, the stop-aware doubly robust importance-sampling estimate on the same E-batch, of
+  which δH₁ is exactly the first-order term;
+- both with a leave-one-out baseline (no state carried between steps, the first due step
+  included) and a two-stage standard error (prompts, then completions), the target being the
+  mean over the prompt pool;
+- cov_pred = −η·Cov_tokens(log π, A) on the training batch (Cui et al. 2505.22617), the naive
+  prediction, for comparison.
 
-Only the first PPO epoch's optimizer step is probed. Options: ``batch_size`` (B_E, total
-over ranks, default 16), ``estimator`` (rb | sf | both, default rb), ``microbatch_size``
-(default train.microbatch_size), ``pool`` (eval | train prompts, default eval).
+Only the first PPO epoch's optimizer step is probed. Options: ``batch_size`` (B_E, sequences
+over all ranks, default 16), ``completions_per_prompt`` (k, default 2), ``microbatch_size``
+(default train.microbatch_size), ``pool`` (eval | train prompts, default eval), ``precision``
+(auto | float32 | float64 | model, default auto: float32 over a bf16 model).
 
 | key | meaning |
 |---|---|
-| `pred`, `pred_se` | δH₁ per sequence (nats) and its standard error (chosen estimator) |
-| `pred_rb`, `pred_rb_se`, `pred_sf`, `pred_sf_se` | each estimator (sf only with estimator sf/both) |
-| `true`, `true_se` | ΔH_true per sequence (SNIS) and its delta-method standard error |
-| `ess_frac` | Kish ESS of the SNIS weights / B_E |
+| `pred`, `pred_se` | δH₁ per sequence (nats) and its SE |
+| `pred_stop`, `pred_stop_se` | the part of `pred` due to changed stopping probabilities |
+| `true`, `true_se` | ΔH_true per sequence (stop-aware, doubly robust) and its SE |
+| `ess_frac` | Kish ESS of the sequence weights exp(S' − S) / B_E |
 | `ratio` | pred / true |
-| `H` | H(θ_k) per sequence, E-batch mean of Σ_t h_t |
+| `H`, `H_se` | H(θ_k) per sequence: mean over the pool of E[Σ_t h_t] (the stop-aware value estimate V̂_0) |
 | `pred_tok`, `true_tok`, `H_tok` | the same divided by L_budget = max_new_tokens |
 | `cov_pred` | −lr·Cov(log π(y_t), A) over training tokens (a per-token entropy change) |
-| `dir_check` | max relative gap between Σ_i d_i and ⟨∇Σf, Δθ⟩ (numerical health, ≈ 1e-6) |
-| `n` | B_E |
-| `time_gen_s`, `time_grad_s`, `time_snis_s` | cost: E-batch generation, the gradient pass at θ_k, the SNIS forward at θ_{k+1} (slowest rank) |
+| `n`, `prompts`, `pool_frac` | B_E, prompts in the E-batch, their fraction of the pool (f) |
+| `stop_frac` | fraction of E-batch completions that ended at a stop token (not the budget) |
+| `stops_multi` | completions that ended with a multi-token stop string (decision seen only at its last token) |
+| `logp_gap_tok` | mean per-token |log π in the probe's precision − log π in the model's| (0 when they are the same) |
+| `time_gen_s`, `time_fwd_s`, `time_jvp_s` | cost: E-batch generation, the two forwards, the derivative pass (slowest rank) |
 """
 
 from __future__ import annotations
 
 import random
 import time
+from dataclasses import dataclass
 
 import torch
-from torch.func import functional_call
 
 from probes.base import Probe, SetupContext, StepContext
-from probes.directional import eval_mode, per_row_directional
+from probes.evaluation import PRECISIONS, PolicyEvaluator
 from probes.functional import delta_h as F
 from probes.manager import register
-from rl_training import policy
 from rl_training.data.prompts import STOP_STRINGS
 from rl_training.errors import ConfigError
-from rl_training.sampling import sample, stable_seed
+from rl_training.policy import microbatches
+from rl_training.sampling import Completions, eos_token_ids, sample, stable_seed
+from rl_training.stops import StopRule
 
-OPTIONS = {"batch_size", "estimator", "microbatch_size", "pool"}
-
-
-def token_stats(model, tensors, T: float, forward=None):
-    """(h, log π(y_t)) [B, L] in float64 from one forward (``forward``: e.g. a functional call)."""
-    logits = policy.completion_logits(model, *tensors, T, forward=forward)
-    return F.token_entropy_logprob(logits, tensors[2].to(logits.device))
+OPTIONS = {"batch_size", "completions_per_prompt", "microbatch_size", "pool", "precision"}
 
 
-def completion_tensors(comp):
-    return comp.prompt_ids, comp.prompt_mask, comp.completion_ids, comp.completion_mask
+@dataclass
+class EBatch:
+    completions: Completions  # this rank's rows
+    prompt: torch.Tensor  # [B] int64, pool index of each row
+
+    @property
+    def tensors(self):
+        c = self.completions
+        return c.prompt_ids, c.prompt_mask, c.completion_ids, c.completion_mask
 
 
-@torch.no_grad()
-def sequence_stats(model, tensors, T: float, params: dict | None = None):
-    """(S_i, H_i = Σ_t h_t, G [B, L]) per sequence, at ``params`` (default: the model's own)."""
-    forward = None
-    if params is not None:
-        forward = lambda **kw: functional_call(model, params, args=(), kwargs=kw, strict=False)  # noqa: E731
-    h, logp = token_stats(model, tensors, T, forward=forward)
-    mask = tensors[3].to(h.device).double()
-    return (logp * mask).sum(-1).cpu(), (h * mask).sum(-1).cpu(), F.future_entropy(h, mask).cpu()
+def ebatch_plan(pool_size: int, batch_size: int, per_prompt: int, seed: int, step: int) -> list[tuple[int, int]]:
+    """(pool index, completion index) of the global E-batch: n = min(N, B_E // k) prompts drawn
+    without replacement, B_E completions spread over them as evenly as possible."""
+    n = min(pool_size, max(1, batch_size // per_prompt))
+    prompts = random.Random(stable_seed(seed, "ebatch-prompts", step)).sample(range(pool_size), n)
+    counts = [batch_size // n + (1 if p < batch_size % n else 0) for p in range(n)]
+    return [(prompts[p], j) for p in range(n) for j in range(counts[p])]
 
 
 @register
@@ -86,39 +92,46 @@ class DeltaHProbe(Probe):
             raise ConfigError(f"probe '{self.name}': unknown option(s) {sorted(unknown)} (valid: {sorted(OPTIONS)})")
         cfg, world = ctx.cfg, ctx.world
         self.batch_size = int(self.options.get("batch_size", 16))
-        self.estimator = self.options.get("estimator", "rb")
+        self.per_prompt = int(self.options.get("completions_per_prompt", 2))
         self.micro = int(self.options.get("microbatch_size", cfg.train.microbatch_size))
+        self.precision = self.options.get("precision", "auto")
         pool = self.options.get("pool", "eval")
-        if self.batch_size < 2:
-            raise ConfigError(f"probe '{self.name}': batch_size (B_E) must be >= 2, got {self.batch_size}")
-        if self.batch_size % world.world_size:
-            raise ConfigError(f"probe '{self.name}': batch_size {self.batch_size} must be divisible by world_size {world.world_size}")
-        if self.estimator not in ("rb", "sf", "both"):
-            raise ConfigError(f"probe '{self.name}': estimator must be rb|sf|both, got {self.estimator!r}")
         if pool not in ("eval", "train"):
             raise ConfigError(f"probe '{self.name}': pool must be eval|train, got {pool!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"probe '{self.name}': precision must be {'|'.join(PRECISIONS)}, got {self.precision!r}")
         self.pool = ctx.eval_records if pool == "eval" else ctx.train_records
         if not self.pool:
             raise ConfigError(f"probe '{self.name}': the {pool} prompt pool is empty (data.eval_fraction = 0?)")
+        self.check_batch(self.batch_size)
         self.cfg, self.world, self.tokenizer, self.prompt_fn = cfg, world, ctx.tokenizer, ctx.prompt_fn
         self.l_budget = cfg.rollout.max_new_tokens
-        self.baseline = torch.zeros(self.l_budget, dtype=torch.float64)  # b_t for RB, from the last due step
+        self.stop_rule = StopRule(ctx.tokenizer, eos_token_ids(ctx.model, ctx.tokenizer), STOP_STRINGS)
+        self._evaluator = None
         self._ebatch = None
-        self.add_stat("n")
-        self.add_stat("rb_c")
-        self.add_stat("rb_c2")
-        for k in F.SF_SUMS:
-            self.add_stat(f"sf_{k}")
-        for k in F.SNIS_SUMS:
-            self.add_stat(f"snis_{k}")
-        self.add_stat("G_sum", torch.zeros(self.l_budget, dtype=torch.float64))
-        self.add_stat("G_cnt", torch.zeros(self.l_budget, dtype=torch.float64))
-        for k in ("tok_n", "tok_lp", "tok_a", "tok_lpa"):
+        self.add_stat("tables", reduce="cat")  # [B, F, L] TokenTable rows of each microbatch
+        self.add_stat("rows", reduce="cat")  # [B, 2]: pool index, ended (0 budget, 1 stop, 2 multi-token stop)
+        for k in ("tok_n", "tok_lp", "tok_a", "tok_lpa", "gap_sum", "gap_n"):
             self.add_stat(k)
-        self.add_stat("dir_check", reduce="max")
-        for part in ("gen", "grad", "snis"):  # cost breakdown, slowest rank
+        for part in ("gen", "fwd", "jvp"):  # cost breakdown, slowest rank
             self.add_stat(f"time_{part}_s", reduce="max")
         self.lr = float("nan")
+
+    def check_batch(self, batch_size: int) -> None:
+        """B_E and k must give a standard error: ≥ 2 prompts, or the whole pool with ≥ 2 completions."""
+        name, N = self.name, len(self.pool)
+        if batch_size < 2 or self.per_prompt < 1:
+            raise ConfigError(f"probe '{name}': batch_size (B_E) must be >= 2 and completions_per_prompt >= 1, "
+                              f"got {batch_size} and {self.per_prompt}")
+        n = min(N, max(1, batch_size // self.per_prompt))
+        if n < 2 and not (n == N and batch_size >= 2):
+            raise ConfigError(f"probe '{name}': batch_size {batch_size} with completions_per_prompt {self.per_prompt} "
+                              f"draws 1 of {N} prompts: no standard error; raise batch_size or lower completions_per_prompt")
+
+    def evaluator(self, model) -> PolicyEvaluator:
+        if self._evaluator is None or self._evaluator.model is not model:
+            self._evaluator = PolicyEvaluator(model, self.precision, self.cfg.rollout.temperature)
+        return self._evaluator
 
     # -------------------------------------------------------------------------- hooks
     def on_after_backward(self, ctx: StepContext) -> None:
@@ -143,93 +156,114 @@ class DeltaHProbe(Probe):
     def on_after_optimizer_step(self, ctx: StepContext) -> None:
         if ctx.epoch > 0 or self._ebatch is None:
             return
-        comp, self._ebatch = self._ebatch, None
-        self.measure(ctx.model, ctx.params_before, ctx.delta_theta(), comp)
+        ebatch, self._ebatch = self._ebatch, None
+        self.measure(ctx.model, ctx.params_before, ctx.delta_theta(), ebatch)
 
-    def measure(self, model, theta: dict, delta: dict, comp, theta_new: dict | None = None) -> None:
-        """Accumulate δH₁ along ``delta`` at ``theta`` and SNIS ΔH at ``theta_new`` (default:
-        the model's current parameters) over the E-batch ``comp``, microbatch by microbatch."""
-        with eval_mode(model):
-            for _, tensors in policy.microbatches(completion_tensors(comp), self.micro):
-                self._accumulate(model, theta, delta, tensors, theta_new)
-
-    def _accumulate(self, model, theta, delta, tensors, theta_new) -> None:
-        T = self.cfg.rollout.temperature
-        mask = tensors[3].double()
-        seen = {}
-
-        def objective(kind):
-            def run(call):
-                h, logp = token_stats(model, tensors, T, forward=call)
-                m = mask.to(h.device)
-                seen.update(S=(logp.detach() * m).sum(-1), H=(h.detach() * m).sum(-1), G=F.future_entropy(h.detach(), m))
-                return F.rb_surrogate(h, logp, m, self.baseline) if kind == "rb" else (logp * m).sum(-1)
-            return run
-
-        checks = []
-        t0 = time.perf_counter()
-        if self.estimator in ("rb", "both"):
-            _, d_rb, total = per_row_directional(model, theta, delta, objective("rb"))
-            self.stats["rb_c"] += float(d_rb.sum())
-            self.stats["rb_c2"] += float((d_rb * d_rb).sum())
-            checks.append((float(d_rb.sum()), total))
-        if self.estimator in ("sf", "both"):
-            _, d_sf, total = per_row_directional(model, theta, delta, objective("sf"))
-            for k, v in F.sf_sums(seen["S"], d_sf).items():
-                self.stats[f"sf_{k}"] += v
-            checks.append((float(d_sf.sum()), total))
-        S_old, H_old, G = seen["S"].cpu(), seen["H"].cpu(), seen["G"].cpu()
-        t1 = time.perf_counter()
-        S_new, H_new, _ = sequence_stats(model, tensors, T, params=theta_new)
-        self.stats["time_grad_s"] += t1 - t0
-        self.stats["time_snis_s"] += time.perf_counter() - t1
-        for k, v in F.snis_sums(S_old, S_new, H_old, H_new).items():
-            self.stats[f"snis_{k}"] += v
-        width = min(G.shape[1], self.l_budget)
-        self.stats["G_sum"][:width] += (G * mask)[:, :width].sum(0)
-        self.stats["G_cnt"][:width] += mask[:, :width].sum(0)
-        self.stats["n"] += float(mask.shape[0])
-        for got, want in checks:
-            gap = abs(got - want) / max(abs(want), 1e-30)
-            self.stats["dir_check"] = max(self.stats["dir_check"], gap)
-
-    def sample_ebatch(self, model, step: int):
-        """This rank's share of a global E-batch that depends only on (seed, step)."""
+    # -------------------------------------------------------------------------- measuring
+    def sample_ebatch(self, model, step: int, batch_size: int | None = None) -> EBatch:
+        """This rank's share (whole prompts) of a global E-batch that depends only on (seed, step)."""
         seed = self.cfg.seed
-        # iid prompts (with replacement): the SE formulas assume independent E-batch sequences.
-        picks = random.Random(stable_seed(seed, "ebatch-prompts", step)).choices(range(len(self.pool)), k=self.batch_size)
-        per_rank = self.batch_size // self.world.world_size
-        mine = range(self.world.rank * per_rank, (self.world.rank + 1) * per_rank)
-        return sample(
+        plan = ebatch_plan(len(self.pool), batch_size or self.batch_size, self.per_prompt, seed, step)
+        order = list(dict.fromkeys(p for p, _ in plan))  # prompts in draw order
+        mine = {p for i, p in enumerate(order) if i % self.world.world_size == self.world.rank}
+        rows = [(p, j) for p, j in plan if p in mine]
+        comps = sample(
             model, self.tokenizer,
-            [self.prompt_fn(self.pool[picks[i]].question) for i in mine],
-            [stable_seed(seed, "ebatch", step, i) for i in mine],
+            [self.prompt_fn(self.pool[p].question) for p, _ in rows],
+            [stable_seed(seed, "ebatch", step, p, j) for p, j in rows],
             max_new_tokens=self.l_budget, temperature=self.cfg.rollout.temperature,
             stop_strings=STOP_STRINGS, max_prompt_tokens=self.cfg.data.max_prompt_tokens,
+        ) if rows else None
+        return EBatch(comps, torch.tensor([p for p, _ in rows], dtype=torch.long))
+
+    def tables(self, model, theta: dict, ebatch: EBatch, theta_new: dict | None = None, delta: dict | None = None,
+               cache: dict | None = None, timer: dict | None = None):
+        """(TokenTable [b, ·, L_budget], rows [b, 3]) per microbatch of ``ebatch``.
+
+        ``theta_new`` defaults to the model's current trainable values; without ``delta`` the
+        derivative columns are 0 (only ΔH_true is meaningful then). ``cache`` keeps the θ-side
+        evaluation of each microbatch across calls with the same θ and E-batch. ``timer`` (e.g.
+        the probe's stats) accumulates time_fwd_s, time_jvp_s, gap_sum and gap_n.
+        """
+        timer = {} if timer is None else timer
+        if ebatch.completions is None:
+            return
+        ev = self.evaluator(model)
+        if theta_new is None:
+            theta_new = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        always = torch.tensor(self.stop_rule.always, dtype=torch.long)
+        for i, (rows, tensors) in enumerate(microbatches(ebatch.tensors, self.micro)):
+            extra, extra_mask = self.stop_rule.stop_sets(tensors[2], tensors[3])
+            stops = (always, extra, extra_mask)
+            t0 = time.perf_counter()
+            if cache is not None and i in cache:
+                old = cache[i]
+            else:
+                old = ev.terms(tensors, stops, theta)
+                if cache is not None:
+                    cache[i] = old
+            new = ev.terms(tensors, stops, theta_new)
+            t1 = time.perf_counter()
+            d = ev.terms_jvp(tensors, stops, theta, delta) if delta is not None else None
+            timer["time_fwd_s"] = timer.get("time_fwd_s", 0.0) + t1 - t0
+            timer["time_jvp_s"] = timer.get("time_jvp_s", 0.0) + time.perf_counter() - t1
+            if ev.dtype != next(p.dtype for p in model.parameters() if not p.requires_grad):
+                gap, count = self._precision_gap(model, tensors, stops, theta_new, new["lp"])
+                timer["gap_sum"], timer["gap_n"] = timer.get("gap_sum", 0.0) + gap, timer.get("gap_n", 0.0) + count
+            yield self._table(tensors, always, extra, extra_mask, old, new, d, ebatch.prompt[rows])
+
+    def _table(self, tensors, always, extra, extra_mask, old, new, d, prompt):
+        y, mask = tensors[2], tensors[3].double()
+        in_always = torch.isin(y, always)
+        in_extra = ((extra == y.unsqueeze(-1)) & extra_mask).any(-1)
+        cont = mask * (~(in_always | in_extra)).double()
+        zero = torch.zeros_like(mask)
+        cpu = {k: v.detach().double().cpu() for k, v in old.items()}
+        cpu_new = {k: v.detach().double().cpu() for k, v in new.items()}
+        cpu_d = {k: v.detach().double().cpu() for k, v in d.items()} if d is not None else {}
+        table = F.TokenTable(
+            mask=mask, cont=cont, h=cpu["h"] * mask, lp=cpu["lp"] * mask, ps=cpu["ps"] * mask,
+            h_new=cpu_new["h"] * mask, lp_new=cpu_new["lp"] * mask, ps_new=cpu_new["ps"] * mask,
+            dh=cpu_d.get("h", zero) * mask, dlp=cpu_d.get("lp", zero) * mask, dps=cpu_d.get("ps", zero) * mask,
         )
+        last = (mask.sum(-1).long() - 1).clamp(min=0).unsqueeze(1)
+        ended = torch.where(in_always.gather(1, last), 1, torch.where(in_extra.gather(1, last), 2, 0)).squeeze(1)
+        width = table.mask.shape[1]
+        stacked = torch.nn.functional.pad(table.stack(), (0, self.l_budget - width))
+        return stacked, torch.stack([prompt.double(), ended.double()], dim=1)
+
+    def _precision_gap(self, model, tensors, stops, trainable, lp_probe) -> tuple[float, float]:
+        """Σ|log π in the probe's precision − log π in the model's own| and the token count: how
+        far the evaluated policy is from the one that sampled (bf16 decoding)."""
+        native = PolicyEvaluator(model, "model", self.cfg.rollout.temperature)
+        lp_model = native.terms(tensors, stops, trainable)["lp"]
+        mask = tensors[3].to(lp_model.device).double()
+        return float(((lp_probe - lp_model).abs() * mask).sum()), float(mask.sum())
+
+    def measure(self, model, theta: dict, delta: dict, ebatch: EBatch, theta_new: dict | None = None) -> None:
+        """Accumulate this rank's E-batch tables: δH₁ along ``delta`` at ``theta`` and ΔH_true
+        at ``theta_new`` (default: the model's current parameters)."""
+        for table, rows in self.tables(model, theta, ebatch, theta_new=theta_new, delta=delta, timer=self.stats):
+            self.stats["tables"].append(table)
+            self.stats["rows"].append(rows)
 
     # -------------------------------------------------------------------------- results
     def compute(self) -> dict[str, float]:
-        s, n, L = self.stats, self.stats["n"], float(self.l_budget)
-        out = {"n": n, "dir_check": s["dir_check"], **{f"time_{p}_s": s[f"time_{p}_s"] for p in ("gen", "grad", "snis")}}
-        if self.estimator in ("rb", "both"):
-            out["pred_rb"], out["pred_rb_se"] = F.mean_se(s["rb_c"], s["rb_c2"], n)
-        if self.estimator in ("sf", "both"):
-            out["pred_sf"], out["pred_sf_se"] = F.sf_estimate({k: s[f"sf_{k}"] for k in F.SF_SUMS}, n)
-        chosen = "sf" if self.estimator == "sf" else "rb"
-        out["pred"], out["pred_se"] = out[f"pred_{chosen}"], out[f"pred_{chosen}_se"]
-        out.update(F.snis_estimate({k: s[f"snis_{k}"] for k in F.SNIS_SUMS}, n))
-        out["ratio"] = out["pred"] / out["true"] if out["true"] else float("nan")
-        out["H"] = s["snis_H"] / n if n else float("nan")
-        out.update(pred_tok=out["pred"] / L, true_tok=out["true"] / L, H_tok=out["H"] / L)
+        s = self.stats
+        out = {f"time_{p}_s": s[f"time_{p}_s"] for p in ("gen", "fwd", "jvp")}
+        out.update(self.estimates(s["tables"], s["rows"]))
         out["cov_pred"] = F.cov_prediction(self.lr, s["tok_n"], s["tok_lp"], s["tok_a"], s["tok_lpa"])
-        # Next due step's RB baseline: this E-batch's mean future entropy per position.
-        cnt = s["G_cnt"]
-        self.baseline = torch.where(cnt > 0, s["G_sum"] / cnt.clamp(min=1), torch.zeros_like(cnt))
+        out["logp_gap_tok"] = s["gap_sum"] / s["gap_n"] if s["gap_n"] else 0.0
         return out
 
-    def state_dict(self) -> dict:
-        return {"baseline": self.baseline.clone()}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.baseline = sd["baseline"].to(torch.float64).clone()
+    def estimates(self, tables: list, rows: list) -> dict[str, float]:
+        """The δH keys from gathered tables (every rank's rows, in rank order)."""
+        if not tables:
+            return {}
+        tab = F.TokenTable.unstack(torch.cat(tables))
+        meta = torch.cat(rows)
+        out = F.estimate(tab, meta[:, 0].long(), meta[:, 1].long(), len(self.pool))
+        out["ratio"] = out["pred"] / out["true"] if out["true"] else float("nan")
+        L = float(self.l_budget)
+        out.update(pred_tok=out["pred"] / L, true_tok=out["true"] / L, H_tok=out["H"] / L)
+        return out

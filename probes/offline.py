@@ -7,9 +7,9 @@ combines:
 - ``update(lr, key)``: Δθ of one REAL training step from the checkpoint — the trainer's own
   rollout (a filtered U-batch), loss, clipping and the checkpoint's optimizer (Adam moments
   included) at learning rate ``lr`` — after which everything is restored;
-- ``ebatch(b_e, key)``: an unfiltered E-batch of held-out prompts × 1 completion at θ;
-- ``delta_h(delta, ebatch)`` / ``snis(theta_new, ebatch)``: δH₁ along Δθ and ΔH_true by
-  SNIS, with the in-loop probe's code (probes/delta_h.py).
+- ``ebatch(b_e, key)``: an unfiltered E-batch of held-out prompts × k completions at θ;
+- ``delta_h(delta, ebatch)`` / ``true_change(theta_new, ebatch)``: δH₁ along Δθ and ΔH_true,
+  with the in-loop probe's code (probes/delta_h.py).
 
 Keys make every random draw reproducible: the same key gives the same U- or E-batch.
 """
@@ -23,10 +23,9 @@ from pathlib import Path
 import torch
 
 from probes.base import SetupContext
-from probes.delta_h import DeltaHProbe, completion_tensors, sequence_stats
-from probes.functional import delta_h as F
-from rl_training import checkpoint, policy
-from rl_training.config import config_from_dict, grad_accum, parse_overrides
+from probes.delta_h import DeltaHProbe
+from rl_training import checkpoint
+from rl_training.config import config_from_dict, grad_accum, parse_overrides, validate
 from rl_training.dist import DistInfo
 from rl_training.errors import ConfigError
 from rl_training.session import build_session
@@ -58,7 +57,8 @@ def resolve_checkpoint(path: Path, need_optimizer: bool) -> Path:
 
 class EntropyExperiment:
     def __init__(self, ckpt: Path, overrides: list[str] = (), *, need_optimizer: bool = True,
-                 runtime_dtype: str | None = None, estimator: str = "rb", microbatch_size: int | None = None):
+                 runtime_dtype: str | None = None, microbatch_size: int | None = None,
+                 per_prompt: int = 2):
         self.path = resolve_checkpoint(ckpt, need_optimizer)
         state = checkpoint.load_trainer_state(self.path)
         tree = state[checkpoint.CONFIG_KEY]
@@ -79,8 +79,7 @@ class EntropyExperiment:
         self.trainer.load_checkpoint(self.path)
         self.model = self.trainer.policy
         self.theta = {n: p.detach().clone() for n, p in self.trainer.trainable.items()}
-        self.T = self.cfg.rollout.temperature
-        self.probe = DeltaHProbe("offline", 1, {"estimator": estimator, "batch_size": 2,
+        self.probe = DeltaHProbe("offline", 1, {"batch_size": 2 * per_prompt, "completions_per_prompt": per_prompt,
                                                 **({"microbatch_size": microbatch_size} if microbatch_size else {})})
         tokenizer, prompt_fn = self.trainer.tokenizer, self.trainer.prompt_fn
         self.probe.setup(SetupContext(self.cfg, self.world, self.model, tokenizer, self.probe.options,
@@ -95,8 +94,12 @@ class EntropyExperiment:
         saved = (copy.deepcopy(tr.optimizer.state_dict()), copy.deepcopy(tr.lr_scheduler.state_dict()),
                  copy.deepcopy(tr.scheduler.state_dict()), tr.step, tr.cfg.train.buffer_size)
         if bu is not None:
-            if bu % self.cfg.rollout.group_size:
-                raise ConfigError(f"--bu {bu} must be a multiple of rollout.group_size ({self.cfg.rollout.group_size})")
+            trial = copy.deepcopy(self.cfg)
+            trial.train.buffer_size = bu
+            try:  # the trainer's own batch rules (whole groups, rounds that can fill the buffer)
+                validate(trial, self.world.world_size)
+            except ConfigError as e:
+                raise ConfigError(f"--bu {bu}: {e}") from None
             tr.cfg.train.buffer_size = bu
             tr.accum = grad_accum(tr.cfg, self.world.world_size)
         try:
@@ -117,49 +120,19 @@ class EntropyExperiment:
 
     # ------------------------------------------------------------------------ E side
     def ebatch(self, b_e: int, key: int):
-        self.probe.batch_size = b_e
-        return self.probe.sample_ebatch(self.model, step=20_000_000 + key)
-
-    def set_baseline_from(self, ebatch) -> None:
-        """RB baseline b_t from an E-batch independent of the ones it will be used on."""
-        G_sum = torch.zeros(self.probe.l_budget, dtype=torch.float64)
-        cnt = torch.zeros_like(G_sum)
-        for tensors in self._chunks(ebatch):
-            _, _, G = sequence_stats(self.model, tensors, self.T)
-            mask = tensors[3].double()
-            w = min(G.shape[1], len(G_sum))
-            G_sum[:w] += (G * mask)[:, :w].sum(0)
-            cnt[:w] += mask[:, :w].sum(0)
-        self.probe.baseline = torch.where(cnt > 0, G_sum / cnt.clamp(min=1), torch.zeros_like(cnt))
-
-    def _chunks(self, comp):
-        for _, tensors in policy.microbatches(completion_tensors(comp), self.probe.micro):
-            yield tensors
+        self.probe.check_batch(b_e)
+        return self.probe.sample_ebatch(self.model, step=20_000_000 + key, batch_size=b_e)
 
     def delta_h(self, delta: dict, ebatch, scale: float = 1.0) -> dict[str, float]:
         """δH₁ = ⟨∇H, scale·Δθ⟩ and ΔH_true at θ + scale·Δθ (per sequence), with SEs."""
         step = {n: scale * d for n, d in delta.items()}
         theta_new = {n: self.theta[n] + step[n] for n in step}
-        baseline = self.probe.baseline
         self.probe.reset_stats()
         self.probe.measure(self.model, self.theta, step, ebatch, theta_new=theta_new)
-        out = self.probe.compute()
-        self.probe.baseline = baseline  # compute() moves it; offline it stays fixed
-        return out
+        return self.probe.estimates(self.probe.stats["tables"], self.probe.stats["rows"])
 
-    def snis(self, theta_new: dict, ebatch, cache: dict | None = None) -> dict[str, float]:
-        """ΔH_true at ``theta_new`` on ``ebatch`` (θ-side stats cached per E-batch in ``cache``)."""
-        sums = dict.fromkeys(F.SNIS_SUMS, 0.0)
-        n = 0
-        for i, tensors in enumerate(self._chunks(ebatch)):
-            if cache is not None and i in cache:
-                S_old, H_old = cache[i]
-            else:
-                S_old, H_old, _ = sequence_stats(self.model, tensors, self.T)
-                if cache is not None:
-                    cache[i] = (S_old, H_old)
-            S_new, H_new, _ = sequence_stats(self.model, tensors, self.T, params=theta_new)
-            for k, v in F.snis_sums(S_old, S_new, H_old, H_new).items():
-                sums[k] += v
-            n += S_old.numel()
-        return {**F.snis_estimate(sums, n), "H": sums["H"] / n, "n": n}
+    def true_change(self, theta_new: dict, ebatch, cache: dict | None = None) -> dict[str, float]:
+        """ΔH_true at ``theta_new`` on ``ebatch`` (θ-side evaluations cached per E-batch in ``cache``)."""
+        parts = list(self.probe.tables(self.model, self.theta, ebatch, theta_new=theta_new, cache=cache))
+        out = self.probe.estimates([t for t, _ in parts], [r for _, r in parts])
+        return {k: v for k, v in out.items() if not k.startswith(("pred", "ratio"))}

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from rl_training.stops import completion_length
+
 
 def stable_seed(*parts: object) -> int:
     """A 63-bit seed from any printable parts, identical across processes and Python runs."""
@@ -50,32 +52,6 @@ class Completions:
     completion_ids: torch.Tensor  # [N, L] int64, right-padded with pad_token_id
     completion_mask: torch.Tensor  # [N, L] 1 up to and including the stop token
     texts: list[str]  # decoded completions (up to the stop)
-
-
-def completion_length(ids: list[int], tokenizer, eos_ids: set[int], stop_strings: tuple[str, ...]) -> int:
-    """Tokens that belong to the completion: up to the first EOS or the end of a stop string."""
-    end = len(ids)
-    for i, tok in enumerate(ids):
-        if tok in eos_ids:
-            end = i + 1
-            break
-    if not stop_strings:
-        return end
-
-    def has_stop(k: int) -> bool:
-        text = tokenizer.decode(ids[:k], skip_special_tokens=False)
-        return any(s in text for s in stop_strings)
-
-    if not has_stop(end):
-        return end
-    lo, hi = 1, end  # smallest k with has_stop(k); monotone in k
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if has_stop(mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:

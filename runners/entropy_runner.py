@@ -53,7 +53,7 @@ def parse_args(argv=None):
         p.add_argument("--checkpoint", required=True, type=Path)
         p.add_argument("--bu", type=int, default=None, help="U-batch sequences (default: the run's train.buffer_size)")
         p.add_argument("--lr", type=float, default=None, help="learning rate of the update (default: the run's)")
-        p.add_argument("--estimator", choices=("rb", "sf", "both"), default="rb")
+        p.add_argument("--per-prompt", type=int, default=2, help="completions per E-batch prompt (k)")
         p.add_argument("--runtime-dtype", choices=("float32", "float64"), default=None)
         p.add_argument("--microbatch-size", type=int, default=None)
         p.add_argument("--output-dir", type=Path, default=Path("results"))
@@ -94,7 +94,6 @@ def parse_args(argv=None):
 def run_single(exp, args, out: Path) -> dict:
     lr = args.lr or exp.cfg.train.lr
     delta = exp.update(lr, key=args.seed, bu=args.bu)
-    exp.set_baseline_from(exp.ebatch(min(args.be, 32), key=args.seed + 999_999))
     res = exp.delta_h(delta, exp.ebatch(args.be, key=args.seed))
     log.info("δH₁ = %.4g ± %.2g   ΔH_true = %.4g ± %.2g   ESS/B_E = %.3f", res["pred"], res["pred_se"],
              res["true"], res["true_se"], res["ess_frac"])
@@ -106,13 +105,13 @@ def run_eta_sweep(exp, args, out: Path) -> dict:
     v = {n: d / lr for n, d in exp.update(lr, key=args.seed, bu=args.bu).items()}  # v = Δθ / lr
     etas = args.etas or [lr * 2.0**k for k in range(-3, 8)]
     eb = exp.ebatch(args.be, key=args.seed)
-    exp.set_baseline_from(exp.ebatch(min(args.be, 32), key=args.seed + 999_999))
-    grad = exp.delta_h(v, eb)  # ⟨∇H, v⟩ per unit step
+    at_lr = exp.delta_h(v, eb, scale=lr)  # a step of the run's size, then per unit step:
+    grad = {"pred": at_lr["pred"] / lr, "pred_se": at_lr["pred_se"] / lr}  # ⟨∇H, v⟩
     cache: dict = {}
     rows = []
     for eta in _progress(etas, args, "η"):
         theta_new = {n: exp.theta[n] + eta * v[n] for n in v}
-        t = exp.snis(theta_new, eb, cache)
+        t = exp.true_change(theta_new, eb, cache)
         rows.append({"eta": eta, "pred": eta * grad["pred"], "pred_se": eta * grad["pred_se"], **t,
                      "ratio": t["true"] / (eta * grad["pred"]) if grad["pred"] else float("nan")})
         log.info("η=%.3g  δH₁=%.4g  ΔH_true=%.4g ± %.2g  ratio=%.3f", eta, rows[-1]["pred"], t["true"], t["true_se"], rows[-1]["ratio"])
@@ -133,7 +132,7 @@ def run_lr_linearity(exp, args, out: Path) -> dict:
         for r in range(args.repeats):
             def one(lr=lr, r=r):
                 delta = exp.update(lr, key=args.seed + 1000 * r, bu=args.bu)  # fresh U-batch per repeat
-                return exp.snis({n: exp.theta[n] + delta[n] for n in delta}, eb, cache)
+                return exp.true_change({n: exp.theta[n] + delta[n] for n in delta}, eb, cache)
             res = _isolated(out / "runs" / f"lr_{lr:.0e}_run_{r}", one)
             if res is not None:
                 raw.append({"lr": lr, "repeat": r, **res})
@@ -158,7 +157,6 @@ def run_lr_linearity(exp, args, out: Path) -> dict:
 def run_batch_scaling(exp, args, out: Path) -> dict:
     lr = args.lr or exp.cfg.train.lr
     delta = exp.update(lr, key=args.seed, bu=args.bu)  # one fixed direction
-    exp.set_baseline_from(exp.ebatch(32, key=args.seed + 999_999))
     per_be = []
     for be in args.be_values:
         preds = []
@@ -183,7 +181,6 @@ def run_batch_scaling(exp, args, out: Path) -> dict:
 def run_sanity_check(exp, args, out: Path) -> dict:
     lr = args.lr or exp.cfg.train.lr
     delta = exp.update(lr, key=args.seed, bu=args.bu)
-    exp.set_baseline_from(exp.ebatch(32, key=args.seed + 999_999))
     runs = []
     for r in _progress(range(args.runs), args, "run"):
         res = _isolated(out / "runs" / f"run{r:03d}", lambda r=r: exp.delta_h(delta, exp.ebatch(args.be, key=args.seed + r)))
@@ -271,8 +268,10 @@ def main(argv=None) -> int:
             raise ConfigError(f"--be must be >= 2, got {args.be}")
         if args.command == "batch-scaling" and min(args.be_values) < 2:
             raise ConfigError(f"--be-values must all be >= 2, got {args.be_values}")
+        if args.per_prompt < 1:
+            raise ConfigError(f"--per-prompt must be >= 1, got {args.per_prompt}")
         exp = EntropyExperiment(args.checkpoint, args.overrides, need_optimizer=args.command in NEEDS_OPTIMIZER,
-                                runtime_dtype=args.runtime_dtype, estimator=args.estimator,
+                                runtime_dtype=args.runtime_dtype, per_prompt=args.per_prompt,
                                 microbatch_size=args.microbatch_size)
         stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
         out = args.output_dir / args.command.replace("-", "_") / f"{args.name or args.command}_{stamp}"

@@ -72,3 +72,17 @@ def test_bad_input(run_dir, tmp_path, capsys):
     assert main(["single", "--checkpoint", str(run_dir / "final_adapter"), "--output-dir", str(tmp_path)]) == 2
     assert "is not a checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "single").exists()
+
+
+def test_offline_measurements_run_in_eval_mode_with_lora_dropout(tmp_path):
+    """After a real training step (which leaves the model in train mode), ΔH_true of Δθ = 0 is
+    exactly 0: no dropout noise in the E-batch's log-probs (LoRA dropout 0.3)."""
+    run = run_in_process(tmp_path, "train.total_steps=1", "model.lora.dropout=0.3")
+    exp = EntropyExperiment(run)
+    delta = exp.update(1e-3, key=0)
+    assert exp.model.training  # what a training step leaves behind
+    eb = exp.ebatch(8, key=0)
+    res = exp.true_change(exp.theta, eb)
+    assert res["true"] == 0.0 and res["true_se"] == 0.0 and res["ess_frac"] == 1.0
+    zero = exp.delta_h({n: 0 * d for n, d in delta.items()}, eb)
+    assert zero["pred"] == 0.0 and zero["true"] == 0.0

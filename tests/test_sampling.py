@@ -1,6 +1,7 @@
 import torch
 
-from rl_training.sampling import RowSampler, completion_length, stable_seed
+from rl_training.sampling import RowSampler, stable_seed
+from rl_training.stops import completion_length
 
 
 def test_stable_seed_is_deterministic_and_distinct():

@@ -1,117 +1,240 @@
-"""The math of the δH probe as pure functions on tensors and power sums.
+"""The math of the δH probe: pure functions on per-token tables of an E-batch.
 
-Notation (DESIGN.md): S(y) = Σ_t log π(y_t | x, y_<t) over completion tokens, h_t the
-full-vocabulary entropy at position t, H(θ) = E_y[Σ_t h_t] = E_y[−S(y)] (per sequence).
+Notation (DESIGN.md): a completion y = (y_1, ..., y_τ) ends at a stop token or at the length
+budget L; h_t is the full-vocabulary entropy of π_t = π(· | x, y_<t) (temperature included),
+ℓ_t = log π_t(y_t), s_t the set of tokens that would end the completion at t
+(rl_training/stops.py), P_S,t = Σ_{v∈s_t} π_t(v) and P_C,t = 1 − P_S,t. H(θ) = E[Σ_t h_t] per
+sequence (= E[−Σ_t ℓ_t]).
 
-Every estimator is written so that it can be assembled from sums over sequences. The sums
-are all-reduced across ranks by the probe manager, so N ranks compute exactly what one
-process computes on the same E-batch.
+Per sequence i and position t the probe measures (``TokenTable``): the mask, c_t = 1[y_t ∉ s_t],
+h_t, ℓ_t, P_S,t at θ_k and at θ_{k+1} = θ_k + Δθ, and their derivatives along Δθ (dh_t, dℓ_t,
+dP_S,t, by forward-mode AD). Every estimator is a function of that table.
+
+Stop-aware value estimate (the derivation behind ``pred`` and ``true``)
+-----------------------------------------------------------------------
+H is the value of the empty prefix under the recursion V_t = h_t + Σ_{v∉s_t} π_t(v) V_{t+1}(y_<t, v):
+a stop token has no future. Along a sampled sequence, with a baseline b_t that does not depend
+on y_t or on any later token of the same sequence, the doubly robust estimate
+
+    V̂_t = h_t + c_t (V̂_{t+1} − b_t) + P_C,t b_t            (V̂ past the last token = 0)
+
+is unbiased for V_t: E_{y_t}[c_t (V̂_{t+1} − b_t)] = Σ_{v∉s_t} π_t(v) V_{t+1}(v) − P_C,t b_t.
+The stop decision enters through P_C,t b_t at EVERY position of every sequence, so a change of
+the stopping probability is seen whether or not the E-batch happens to contain a stop. Without
+the split (s_t = ∅) the same information is carried only by sampled stops (a term −b_t on the
+rare sequence that stops), and a batch without one reports a small SE around the wrong value.
+
+At θ' on the same samples, with ρ_t = π'_t(y_t)/π_t(y_t) (importance sampling per decision):
+
+    V̂'_t = h'_t + c_t ρ_t (V̂'_{t+1} − b_t) + P'_C,t b_t   is unbiased for V'_t,
+
+and ΔH_true = mean_i (V̂'_0 − V̂_0) (``true``): exactly 0 when Δθ = 0. Its derivative at θ along
+Δθ is the first-order prediction δH₁ = ⟨∇H, Δθ⟩ (``pred``, Rao–Blackwellised: ∇h_t enters
+exactly, the score only through the continue branch):
+
+    c_i = Σ_t [dh_t + c_t dℓ_t (V̂_{t+1} − b_t) − dP_S,t b_t],
+
+so ``pred`` is exactly the first-order term of ``true`` (tested). −Σ_t dP_S,t b_t is the part of
+δH₁ due to stopping probabilities (``pred_stop``): the change of P_S times the entropy a
+stopped completion no longer has. Stop strings of several tokens are seen this way only at
+their last token (where P_S is near 1 and barely moves): their decision is an ordinary token
+whose variance the SE carries; the probe counts such endings (``stops_multi``).
+
+Baseline: b_t estimates the expected future entropy after continuing at t from the OTHER
+sequences of the E-batch (leave-one-out per-position means of h and P_S, ``value_baseline``). It
+never uses sequence i's own tokens (unbiased), exists at every due step including the first,
+uses stopping probabilities rather than sampled stops, and makes the contributions only weakly
+(O(1/n)) dependent.
+
+Estimators blind to the stop decision — the same recursion with s_t = ∅, the score-function
+estimator −E[(S − b) dS] over whole sequences, or self-normalised importance sampling of ΔH
+(which cancels a common factor P'_C/P_C of the sequences that go on) — are unbiased too, but
+carry the stop term only on sampled stops: with stopping probabilities of 0.4–0.8 % per
+position their 95 % intervals covered 63–82 % in the exact tests (tests/probes/
+test_delta_h_exact.py), against 93–95 % for these. The probe therefore logs only these.
+
+Design and standard errors
+--------------------------
+The E-batch estimates the mean over the probe's prompt pool (N prompts, equal weight): each due
+step draws n prompts without replacement and k_p completions of each. The estimate of any
+per-sequence quantity x is mean_p x̄_p, with the two-stage variance (Cochran 1977, §10.8/11.3,
+completions from an infinite population):
+
+    Var ≈ (1 − f) s_b² / n + f s_w² Σ_p (1/k_p) / n²,        f = n / N,
+
+s_b² the sample variance of the prompt means x̄_p, s_w² the pooled within-prompt variance. With
+every prompt in the batch (f = 1) only the within term remains (stratified); with few prompts of
+a large pool the between term dominates. So a prompt that carries most of δH₁ is either always
+in the batch or its absence is part of the SE.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields, replace
 
 import torch
+
+NEG_INF = float("-inf")
 
 
 # ------------------------------------------------------------------------ per-token pieces
 
 
-def token_entropy_logprob(logits: torch.Tensor, targets: torch.Tensor, dtype=torch.float64):
-    """(h [B, L], log π(y_t) [B, L]) from logits / T [B, L, V], differentiable, in ``dtype``."""
-    logp = torch.log_softmax(logits.to(dtype), dim=-1)
-    h = -(logp.exp() * logp).sum(dim=-1)
-    return h, logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+def token_terms(logits: torch.Tensor, targets: torch.Tensor, always: torch.Tensor, extra: torch.Tensor,
+                extra_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """h, ℓ = log π(y_t) and P_S per position, [B, L] float64, differentiable (also forward-mode).
+
+    ``logits`` [B, L, V] (already divided by T); ``always`` [K0] stop ids valid everywhere;
+    ``extra``/``extra_mask`` [B, L, K] the position-dependent ones. A logit of −inf (a masked
+    token) gives p = 0 and contributes 0 to h with a finite derivative.
+    """
+    logp = torch.log_softmax(logits.to(torch.float64), dim=-1)
+    p = logp.exp()
+    finite_logp = logp.masked_fill(logp == NEG_INF, 0.0)  # 0·(−inf) would be NaN
+    h = -(p * finite_logp).sum(-1)
+    lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    ps = p[..., always].sum(-1) if always.numel() else torch.zeros_like(h)
+    if extra_mask.any():
+        ps = ps + (p.gather(-1, extra) * extra_mask).sum(-1)
+    return {"h": h, "lp": lp, "ps": ps}
+
+
+@dataclass
+class TokenTable:
+    """Per-token measurements of an E-batch, all [N, L] float64 (mask and cont as 0/1)."""
+
+    mask: torch.Tensor
+    cont: torch.Tensor  # 1 where y_t ∉ s_t (the sequence goes on, or ends at the budget)
+    h: torch.Tensor
+    lp: torch.Tensor
+    ps: torch.Tensor
+    h_new: torch.Tensor
+    lp_new: torch.Tensor
+    ps_new: torch.Tensor
+    dh: torch.Tensor
+    dlp: torch.Tensor
+    dps: torch.Tensor
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def stack(self) -> torch.Tensor:
+        """[N, F, L] for gathering across ranks."""
+        return torch.stack([getattr(self, n) for n in self.names()], dim=1)
+
+    @classmethod
+    def unstack(cls, t: torch.Tensor) -> TokenTable:
+        return cls(*t.unbind(dim=1))
+
+    def without_stop_split(self) -> TokenTable:
+        """The same samples with s_t = ∅: what an estimator blind to stopping would see."""
+        zero = torch.zeros_like(self.ps)
+        return replace(self, cont=self.mask.clone(), ps=zero, ps_new=zero, dps=zero)
+
+
+# ------------------------------------------------------------------------ estimators
 
 
 def future_entropy(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """G_{t+1} = Σ_{t' > t} h_t' (masked), [B, L]."""
+    """G_{t+1} = Σ_{t' > t} h_t' (masked), [N, L]."""
     hm = h * mask
     return hm.flip(-1).cumsum(-1).flip(-1) - hm
 
 
-def rb_surrogate(h: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
-    """Per-sequence Rao–Blackwellised surrogate f_i, [B], whose gradient is unbiased for ∇H:
+def loo_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[N, L]: at (i, t) the mean of x[j, t] over the other rows j ≠ i with mask[j, t] = 1 (0 if none)."""
+    total, count = (x * mask).sum(0, keepdim=True), mask.sum(0, keepdim=True)
+    own_total, own_count = total - x * mask, count - mask
+    return torch.where(own_count > 0, own_total / own_count.clamp(min=1), torch.zeros_like(x))
 
-        ∇E[Σ_t h_t] = E[Σ_t ∇h_t + Σ_t (G_{t+1} − b_t) ∇log π(y_t | y_<t)],
 
-    with b_t (``baseline``, [≥L]) independent of the sampled tokens. The weights G − b are
-    detached, so ∇f_i is exactly the bracket for sequence i.
+def value_baseline(h: torch.Tensor, ps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """b[i, t] ≈ expected future entropy after continuing at t, from the OTHER rows only:
+    B_t = h̄_{t+1} + (1 − P̄_S,t+1) B_{t+1} with h̄, P̄_S leave-one-out means per position.
+
+    Built from probabilities, not from which other rows happened to stop, so a batch without a
+    sampled stop does not shift it (the mean of the others' G_{t+1} would be off by Σ P_S·b).
     """
-    L = h.shape[1]
-    b = torch.zeros(L, dtype=h.dtype, device=h.device)
-    n = min(L, baseline.numel())
-    b[:n] = baseline[:n].to(h.dtype)
-    weight = (future_entropy(h.detach(), mask) - b) * mask
-    return (h * mask).sum(-1) + (weight * logp).sum(-1)
+    h_bar, ps_bar = loo_mean(h, mask), loo_mean(ps, mask)
+    N, L = h.shape
+    b = torch.zeros(N, L, dtype=torch.float64, device=h.device)
+    for t in range(L - 2, -1, -1):
+        b[:, t] = h_bar[:, t + 1] + (1 - ps_bar[:, t + 1]) * b[:, t + 1]
+    return b
 
 
-# ------------------------------------------------------------------------ estimators from sums
+def values(h, ps, cont, mask, b, ratio=None) -> torch.Tensor:
+    """V̂ [N, L + 1] by the backward recursion V̂_t = h_t + c_t ρ_t (V̂_{t+1} − b_t) + (1 − P_S,t) b_t."""
+    N, L = h.shape
+    V = torch.zeros(N, L + 1, dtype=torch.float64, device=h.device)
+    rho = torch.ones_like(h) if ratio is None else ratio
+    for t in range(L - 1, -1, -1):
+        v = h[:, t] + cont[:, t] * rho[:, t] * (V[:, t + 1] - b[:, t]) + (1 - ps[:, t]) * b[:, t]
+        V[:, t] = v * mask[:, t]
+    return V
 
 
-def mean_se(total: float, total_sq: float, n: float) -> tuple[float, float]:
-    """Mean and standard error of the mean of iid contributions given Σc, Σc², n."""
-    if n < 2:
-        return (total / n if n else float("nan")), float("nan")
-    mean = total / n
-    var = max(total_sq - total * total / n, 0.0) / (n - 1)
-    return mean, math.sqrt(var / n)
+def contributions(tab: TokenTable) -> dict[str, torch.Tensor]:
+    """Per-sequence contributions [N] (their means are the estimates) and per-sequence sums."""
+    m = tab.mask
+    b = value_baseline(tab.h, tab.ps, m)
+    V = values(tab.h, tab.ps, tab.cont, m, b)
+    V_new = values(tab.h_new, tab.ps_new, tab.cont, m, b, ratio=torch.exp(tab.lp_new - tab.lp) * m)
+    stop = -(tab.dps * b * m).sum(-1)
+    rb = (m * (tab.dh + tab.cont * tab.dlp * (V[:, 1:] - b))).sum(-1) + stop
+    # H from the value estimate too: the plain Σ_t h_t would see the stopping probability only
+    # through sampled stops (exact check: 0.02 nats high, z ≈ 100, in batches without one).
+    return {"rb": rb, "stop": stop, "true": V_new[:, 0] - V[:, 0], "H": V[:, 0],
+            "log_w": ((tab.lp_new - tab.lp) * m).sum(-1)}
 
 
-SF_SUMS = ("S", "d", "Sd", "d2", "Sd2", "S2d2")
+def pool_mean_se(x: torch.Tensor, prompt: torch.Tensor, pool_size: int) -> tuple[float, float]:
+    """Mean over prompts of the prompt means of ``x`` [N] and its two-stage standard error.
 
-
-def sf_sums(S: torch.Tensor, d: torch.Tensor) -> dict[str, float]:
-    """Power sums for the score-function estimator; S_i and d_i = ⟨∇S_i, Δθ⟩ per sequence."""
-    S, d = S.double(), d.double()
-    return {"S": float(S.sum()), "d": float(d.sum()), "Sd": float((S * d).sum()), "d2": float((d * d).sum()),
-            "Sd2": float((S * d * d).sum()), "S2d2": float((S * S * d * d).sum())}
-
-
-def sf_estimate(s: dict[str, float], n: float) -> tuple[float, float]:
-    """δH₁ = −(1/n) Σ_i (S_i − b_i) d_i with the leave-one-out baseline b_i = mean_{j≠i} S_j.
-
-    S_i − b_i = n/(n−1)·(S_i − S̄), so the estimate is −Σ(S_i − S̄)d_i/(n−1): an unbiased
-    sample covariance, computable from power sums. Its SE treats c_i = −n/(n−1)(S_i − S̄)d_i
-    as the contributions (Σc² also from power sums).
+    Needs n ≥ 2 prompts unless they are the whole pool; where no prompt has two completions the
+    within term is unknown and the between term alone is used (conservative when f > 0).
     """
-    if n < 2:
-        return float("nan"), float("nan")
-    k = n / (n - 1)
-    s_bar = s["S"] / n
-    total = -k * (s["Sd"] - s_bar * s["d"])
-    total_sq = k * k * (s["S2d2"] - 2 * s_bar * s["Sd2"] + s_bar * s_bar * s["d2"])
-    return mean_se(total, total_sq, n)
+    ids, inv = prompt.unique(return_inverse=True)
+    n = ids.numel()
+    k = torch.bincount(inv, minlength=n).double()
+    means = torch.zeros(n, dtype=torch.float64).index_add_(0, inv, x.double()) / k
+    est = float(means.mean())
+    f = min(n / pool_size, 1.0)
+    s_b2 = float(means.var()) if n > 1 else float("nan")
+    within_df = float((k - 1).sum())
+    if within_df == 0:
+        var = s_b2 / n
+    else:
+        s_w2 = float(((x.double() - means[inv]) ** 2).sum()) / within_df
+        var = f * s_w2 * float((1 / k).sum()) / n**2
+        if f < 1:
+            var += (1 - f) * s_b2 / n
+    return est, math.sqrt(var) if var == var and var >= 0 else float("nan")
 
 
-SNIS_SUMS = ("w", "wHn", "w2", "w2Hn", "w2Hn2", "H", "H2", "wHnH", "wH")
+def kish_ess_frac(log_w: torch.Tensor) -> float:
+    """(Σw)² / Σw² / n of importance weights w = exp(log_w): how far θ' is from θ on this batch."""
+    w = torch.exp(log_w - log_w.max())
+    return float(w.sum() ** 2 / (w**2).sum()) / log_w.numel()
 
 
-def snis_sums(S_old: torch.Tensor, S_new: torch.Tensor, H_old: torch.Tensor, H_new: torch.Tensor) -> dict[str, float]:
-    """Power sums for SNIS ΔH; w_i = exp(S_i(θ') − S_i(θ)), H_i = Σ_t h_t of sequence i."""
-    w = torch.exp(S_new.double() - S_old.double())
-    Hn, H = H_new.double(), H_old.double()
-    return {"w": float(w.sum()), "wHn": float((w * Hn).sum()), "w2": float((w * w).sum()),
-            "w2Hn": float((w * w * Hn).sum()), "w2Hn2": float((w * w * Hn * Hn).sum()),
-            "H": float(H.sum()), "H2": float((H * H).sum()), "wHnH": float((w * Hn * H).sum()),
-            "wH": float((w * H).sum())}
+def estimate(tab: TokenTable, prompt: torch.Tensor, ended: torch.Tensor, pool_size: int) -> dict[str, float]:
+    """Every logged δH quantity (per sequence, nats) from an E-batch's table.
 
-
-def snis_estimate(s: dict[str, float], n: float) -> dict[str, float]:
-    """ΔH_true = Σw H'/Σw − mean H, its delta-method SE, and the Kish ESS/n of w.
-
-    Influence of sequence i: ψ_i = w_i (H'_i − R)/w̄ − (H_i − H̄) with R = Σw H'/Σw;
-    SE² = Σψ²/(n(n−1)), expanded into the power sums so that ranks only add.
+    ``prompt`` [N] pool index of each sequence; ``ended`` [N] 0 budget, 1 single-token stop,
+    2 multi-token stop string (rl_training/stops.py).
     """
-    if n < 2 or s["w"] <= 0:
-        return {"true": float("nan"), "true_se": float("nan"), "ess_frac": float("nan")}
-    w_bar, R, H_bar = s["w"] / n, s["wHn"] / s["w"], s["H"] / n
-    saa = (s["w2Hn2"] - 2 * R * s["w2Hn"] + R * R * s["w2"]) / (w_bar * w_bar)
-    sbb = s["H2"] - n * H_bar * H_bar
-    sab = (s["wHnH"] - H_bar * s["wHn"] - R * s["wH"] + R * H_bar * s["w"]) / w_bar
-    var = max(saa - 2 * sab + sbb, 0.0) / (n * (n - 1))
-    return {"true": R - H_bar, "true_se": math.sqrt(var), "ess_frac": s["w"] * s["w"] / s["w2"] / n}
+    c = contributions(tab)
+    out: dict[str, float] = {"n": float(prompt.numel()), "prompts": float(prompt.unique().numel())}
+    for key, name in (("rb", "pred"), ("stop", "pred_stop"), ("true", "true"), ("H", "H")):
+        out[name], out[f"{name}_se"] = pool_mean_se(c[key], prompt, pool_size)
+    out["ess_frac"] = kish_ess_frac(c["log_w"])
+    out["pool_frac"] = min(out["prompts"] / pool_size, 1.0)
+    out["stop_frac"] = float((ended > 0).double().mean())
+    out["stops_multi"] = float((ended == 2).sum())
+    return out
 
 
 def cov_prediction(lr: float, n_tok: float, sum_logp: float, sum_adv: float, sum_logp_adv: float) -> float:

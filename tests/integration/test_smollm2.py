@@ -29,6 +29,7 @@ def test_one_training_step_on_smollm2(tmp_path):
     for key in ("pred", "pred_se", "true", "true_se", "ess_frac", "H", "cov_pred"):
         assert math.isfinite(row[f"probe/delta_h/{key}"]), key
     assert row["probe/delta_h/pred_se"] > 0 and 0 < row["probe/delta_h/ess_frac"] <= 1
-    assert row["probe/delta_h/dir_check"] < 1e-3
+    # pred is the first-order term of true on the same samples: at this lr they agree closely.
+    assert abs(row["probe/delta_h/pred"] - row["probe/delta_h/true"]) < 0.5 * row["probe/delta_h/pred_se"]
     weights = adapter(run)
     assert any("lora_A" in k for k in weights) and all(math.isfinite(float(v.abs().sum())) for v in weights.values())

@@ -1,74 +1,121 @@
-"""The δH power-sum formulas against direct per-sequence computations."""
+"""The δH estimators' building blocks against direct computations."""
 
 import math
 
 import pytest
 import torch
+from torch.func import jvp
 
 from probes.functional import delta_h as F
 
 
-def _rand(n, seed, scale=1.0, shift=0.0):
-    return torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale + shift
+def _rand(*shape, seed, scale=1.0, shift=0.0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale + shift
 
 
-def test_sf_estimate_equals_leave_one_out_contributions():
-    S, d = _rand(12, 0, 3.0, -20.0), _rand(12, 1)
-    n = len(S)
-    b = (S.sum() - S) / (n - 1)
-    c = -(S - b) * d
-    mean, se = F.sf_estimate(F.sf_sums(S, d), n)
-    assert mean == pytest.approx(float(c.mean()), rel=1e-12)
-    assert se == pytest.approx(float(c.std(unbiased=True) / math.sqrt(n)), rel=1e-9)
+def test_token_terms_with_masked_logits_are_finite_and_match_a_direct_sum():
+    logits = _rand(2, 3, 6, seed=0)
+    logits[0, 1, 2] = float("-inf")  # a masked token: p = 0
+    targets = torch.tensor([[0, 1, 3], [5, 4, 0]])
+    always = torch.tensor([5])
+    extra = torch.tensor([[[0], [0], [4]], [[0], [0], [0]]])
+    extra_mask = torch.tensor([[[False], [False], [True]], [[False], [False], [False]]])
+    got = F.token_terms(logits, targets, always, extra, extra_mask)
+    p = torch.softmax(logits, -1)
+    h = -(torch.where(p > 0, p * torch.log(p), torch.zeros_like(p))).sum(-1)
+    assert torch.allclose(got["h"], h, rtol=1e-12)
+    assert torch.allclose(got["lp"], torch.log(p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)), rtol=1e-12)
+    ps = p[..., 5].clone()
+    ps[0, 2] += p[0, 2, 4]
+    assert torch.allclose(got["ps"], ps, rtol=1e-12)
+    # Forward-mode derivatives stay finite where p = 0 (0·log 0 must not become NaN).
+    _, tangent = jvp(lambda z: F.token_terms(z, targets, always, extra, extra_mask), (logits,), (_rand(2, 3, 6, seed=1),))
+    assert all(torch.isfinite(t).all() for t in tangent.values())
 
 
-def test_sf_estimate_is_additive_over_shards():
-    S, d = _rand(10, 2), _rand(10, 3)
-    parts = [F.sf_sums(S[:4], d[:4]), F.sf_sums(S[4:], d[4:])]
-    merged = {k: parts[0][k] + parts[1][k] for k in F.SF_SUMS}
-    assert F.sf_estimate(merged, 10) == pytest.approx(F.sf_estimate(F.sf_sums(S, d), 10), rel=1e-12)
+def test_future_entropy_loo_mean_and_value_baseline():
+    h = torch.tensor([[1.0, 2.0, 3.0, 4.0], [2.0, 2.0, 0.0, 0.0], [3.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.float64)
+    assert F.future_entropy(h, mask)[0].tolist() == [5.0, 3.0, 0.0, 0.0]
+    loo = F.loo_mean(h, mask)
+    assert loo[0].tolist() == [2.5, 1.5, 1.0, 0.0]  # position 2: only row 2 besides row 0; position 3: none
+    ps = torch.full_like(h, 0.1)
+    b = F.value_baseline(h, ps, mask)
+    # Row 0 from rows 1, 2: b_1 = h̄_2 = 1.0 (row 2 only); b_0 = h̄_1 + 0.9·b_1 = 1.5 + 0.9.
+    assert b[0, 1].item() == pytest.approx(1.0) and b[0, 0].item() == pytest.approx(1.5 + 0.9 * 1.0)
+    assert b[0, 3].item() == 0.0
 
 
-def test_snis_estimate_equals_direct_influence_computation():
-    n = 9
-    S_old, H_old = _rand(n, 4, 2.0, -30.0), _rand(n, 5, 10.0, 100.0)
-    S_new, H_new = S_old + _rand(n, 6, 0.3), H_old + _rand(n, 7, 0.5)
-    w = torch.exp(S_new - S_old)
-    R = float((w * H_new).sum() / w.sum())
-    psi = w * (H_new - R) / w.mean() - (H_old - H_old.mean())
-    got = F.snis_estimate(F.snis_sums(S_old, S_new, H_old, H_new), n)
-    assert got["true"] == pytest.approx(R - float(H_old.mean()), rel=1e-12)
-    assert got["true_se"] == pytest.approx(math.sqrt(float((psi**2).sum()) / (n * (n - 1))), rel=1e-6)
-    assert got["ess_frac"] == pytest.approx(float(w.sum() ** 2 / (w**2).sum()) / n, rel=1e-12)
+def test_values_recursion_unrolled_by_hand():
+    h = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64)
+    ps = torch.tensor([[0.1, 0.2, 0.3]], dtype=torch.float64)
+    cont = torch.tensor([[1.0, 1.0, 0.0]], dtype=torch.float64)  # stops at the last token
+    mask = torch.ones_like(h)
+    b = torch.tensor([[4.0, 5.0, 6.0]], dtype=torch.float64)
+    rho = torch.tensor([[1.1, 0.9, 1.3]], dtype=torch.float64)
+    V2 = 3 + 0 + 0.7 * 6  # a stop: no ρ-term, only (1 − P_S) b
+    V1 = 2 + 0.9 * (V2 - 5) + 0.8 * 5
+    V0 = 1 + 1.1 * (V1 - 4) + 0.9 * 4
+    assert F.values(h, ps, cont, mask, b, ratio=rho)[0].tolist() == pytest.approx([V0, V1, V2, 0.0])
 
 
-def test_snis_se_small_when_entropies_vary_but_changes_do_not():
-    # Large spread of H across sequences, tiny per-sequence change: the SE must follow the
-    # change, not the spread (no catastrophic cancellation in the power sums).
-    n = 8
-    H_old = _rand(n, 8, 20.0, 100.0)
-    H_new = H_old + 1e-4
-    S = _rand(n, 9, 1.0, -50.0)
-    got = F.snis_estimate(F.snis_sums(S, S, H_old, H_new), n)
-    assert got["true"] == pytest.approx(1e-4, rel=1e-6)
-    assert got["true_se"] < 1e-6
+def test_without_stop_split_makes_the_value_the_future_entropy():
+    tab = _table(6, 5, seed=3)
+    naive = tab.without_stop_split()
+    V = F.values(naive.h, naive.ps, naive.cont, naive.mask, _rand(6, 5, seed=9))
+    G0 = (naive.h * naive.mask).sum(-1)
+    assert torch.allclose(V[:, 0], G0, rtol=1e-12)
 
 
-def test_future_entropy_and_rb_surrogate_values():
-    h = torch.tensor([[1.0, 2.0, 3.0, 4.0]], dtype=torch.float64)
-    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
-    assert F.future_entropy(h, mask).tolist() == [[5.0, 3.0, 0.0, 0.0]]
-    logp = torch.tensor([[-1.0, -2.0, -3.0, -4.0]], dtype=torch.float64)
-    f = F.rb_surrogate(h, logp, mask, baseline=torch.tensor([1.0, 1.0], dtype=torch.float64))
-    # Σ h (masked) + Σ (G − b)·logp = 6 + (4·−1 + 2·−2 + 0·−3)
-    assert f.item() == pytest.approx(6 - 4 - 4)
+def _table(N, L, seed, delta=0.0):
+    lengths = torch.randint(1, L + 1, (N,), generator=torch.Generator().manual_seed(seed))
+    mask = (torch.arange(L) < lengths.unsqueeze(1)).double()
+    stop = torch.zeros(N, L, dtype=torch.float64)
+    stop[torch.arange(N), lengths - 1] = (torch.arange(N) % 2).double()  # half of them end at a stop
+    h, lp = _rand(N, L, seed=seed + 1).abs() * mask, -_rand(N, L, seed=seed + 2).abs() * mask
+    ps = torch.sigmoid(_rand(N, L, seed=seed + 3) - 3) * mask
+    dh, dlp, dps = (_rand(N, L, seed=seed + k, scale=1e-3) * mask for k in (4, 5, 6))
+    return F.TokenTable(mask, mask * (1 - stop), h, lp, ps, h + delta * dh, lp + delta * dlp, ps + delta * dps,
+                        dh, dlp, dps)
 
 
-def test_mean_se_and_cov_prediction():
-    c = _rand(20, 10)
-    mean, se = F.mean_se(float(c.sum()), float((c * c).sum()), 20)
-    assert mean == pytest.approx(float(c.mean())) and se == pytest.approx(float(c.std() / math.sqrt(20)))
-    lp, a = _rand(30, 11), _rand(30, 12)
+def test_pred_is_the_derivative_of_true_along_the_tangents():
+    eps = 1e-6
+    tab = _table(7, 5, seed=11, delta=eps)
+    c = F.contributions(tab)
+    assert torch.allclose(c["true"] / eps, c["rb"], rtol=1e-4, atol=1e-9)
+
+
+def test_stack_round_trip_and_delta_zero_gives_zero():
+    tab = _table(4, 3, seed=20)
+    back = F.TokenTable.unstack(tab.stack())
+    assert all(torch.equal(getattr(tab, n), getattr(back, n)) for n in F.TokenTable.names())
+    same = _table(4, 3, seed=20, delta=0.0)
+    assert torch.equal(F.contributions(same)["true"], torch.zeros(4, dtype=torch.float64))
+    assert F.kish_ess_frac(F.contributions(same)["log_w"]) == 1.0
+
+
+def test_pool_mean_se_two_stage_formula():
+    x = _rand(12, seed=30)
+    prompt = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3])
+    means = x.view(4, 3).mean(1)
+    s_b2 = float(means.var())
+    s_w2 = float(((x.view(4, 3) - means.unsqueeze(1)) ** 2).sum()) / 8
+    for pool in (4, 10, 1000):
+        f = 4 / pool
+        want = (1 - f) * s_b2 / 4 + f * s_w2 * (4 / 3) / 16
+        est, se = F.pool_mean_se(x, prompt, pool)
+        assert est == pytest.approx(float(means.mean())) and se == pytest.approx(math.sqrt(want), rel=1e-12)
+    # One prompt, the whole pool: the SE of a plain mean.
+    est, se = F.pool_mean_se(x, torch.zeros(12, dtype=torch.long), 1)
+    assert se == pytest.approx(float(x.std() / math.sqrt(12)), rel=1e-12)
+    # Single completions: the between term alone.
+    est, se = F.pool_mean_se(x, torch.arange(12), 50)
+    assert se == pytest.approx(float(x.std() / math.sqrt(12)), rel=1e-12)
+
+
+def test_cov_prediction():
+    lp, a = _rand(30, seed=11), _rand(30, seed=12)
     cov = float(((lp - lp.mean()) * (a - a.mean())).mean())
     got = F.cov_prediction(1e-3, 30, float(lp.sum()), float(a.sum()), float((lp * a).sum()))
     assert got == pytest.approx(-1e-3 * cov, rel=1e-9)

@@ -1,0 +1,106 @@
+"""Forwards of the policy for probes: at given LoRA values, in the probe's precision, eval mode.
+
+A probe compares the policy at θ_k and θ_{k+1}; with a bf16 base model the update of a small
+learning rate is rounded away in a bf16 forward (measured: ΔH_true at lr 1e-6 was rounding
+noise 100× larger than the change). So probes evaluate in ``precision``: "auto" (float32 when
+the model is bf16/fp16, else the model's dtype), "float32", "float64" or "model". Every forward
+of a probe goes through the same ``functional_call`` path with a full parameter dict in that
+dtype (the frozen base cast once and cached: +4 bytes per base parameter on the model's device
+when the model is bf16), so S(θ_k) and S(θ_{k+1}) differ only by Δθ; Δθ = 0 gives bit-identical
+forwards. LoRA parameters are float32 (peft keeps adapters in float32 over a bf16 base).
+
+Derivatives along Δθ use forward-mode AD (``torch.func.jvp``): one pass gives d/dε of every
+per-position quantity (h_t, log π(y_t), P_S,t), so any baseline can be applied afterwards.
+Fused attention kernels have no forward-mode derivative; the jvp runs with SDPA's math backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.func import functional_call, jvp
+
+from probes.functional.delta_h import token_terms
+from rl_training import policy
+
+PRECISIONS = ("auto", "float32", "float64", "model")
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """The sampled policy has no dropout; restore the caller's mode afterwards."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+@contextlib.contextmanager
+def exact_matmuls():
+    """No TF32 while a probe evaluates: its rounding (10-bit mantissa) would swamp small Δθ."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+def resolve_dtype(model: torch.nn.Module, precision: str) -> torch.dtype:
+    model_dtype = next(p.dtype for p in model.parameters() if not p.requires_grad)
+    if precision == "model":
+        return model_dtype
+    if precision == "auto":
+        return torch.float32 if model_dtype in (torch.bfloat16, torch.float16) else model_dtype
+    return _DTYPES[precision]
+
+
+class PolicyEvaluator:
+    """``terms``/``terms_jvp``: per-token h, log π(y_t), P_S of completions at given LoRA values."""
+
+    def __init__(self, model: torch.nn.Module, precision: str, temperature: float):
+        self.model, self.temperature = model, temperature
+        self.dtype = resolve_dtype(model, precision)
+        self._frozen: dict[str, torch.Tensor] | None = None
+
+    def _params(self, trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self._frozen is None:
+            cast = any(p.dtype != self.dtype for p in self.model.parameters() if p.is_floating_point())
+            self._frozen = {
+                n: p.detach().to(self.dtype) for n, p in self.model.named_parameters() if not p.requires_grad
+            } if cast else {}
+        return {**self._frozen, **{n: t.to(self.dtype) for n, t in trainable.items()}}
+
+    def _terms(self, tensors, stops, params) -> dict[str, torch.Tensor]:
+        def forward(**kw):
+            return functional_call(self.model, params, args=(), kwargs=kw, strict=False)
+
+        logits = policy.completion_logits(self.model, *tensors, self.temperature, forward=forward)
+        device = logits.device
+        always, extra, extra_mask = (t.to(device) for t in stops)
+        return token_terms(logits, tensors[2].to(device), always, extra, extra_mask)
+
+    @torch.no_grad()
+    def terms(self, tensors, stops, trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with eval_mode(self.model), exact_matmuls():
+            return self._terms(tensors, stops, self._params(trainable))
+
+    def terms_jvp(self, tensors, stops, trainable, direction) -> dict[str, torch.Tensor]:
+        """d/dε at ε = 0 of ``terms`` at trainable + ε·direction."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        names = list(trainable)
+        primals = tuple(trainable[n].to(self.dtype) for n in names)
+        tangents = tuple(direction[n].to(self.dtype) for n in names)
+        base = self._params({})
+
+        def fn(*values):
+            return self._terms(tensors, stops, {**base, **dict(zip(names, values))})
+
+        with eval_mode(self.model), exact_matmuls(), sdpa_kernel([SDPBackend.MATH]):
+            _, tangent_out = jvp(fn, primals, tangents)
+        return tangent_out
