@@ -50,8 +50,9 @@ Estimators blind to the stop decision — the same recursion with s_t = ∅, the
 estimator −E[(S − b) dS] over whole sequences, or self-normalised importance sampling of ΔH
 (which cancels a common factor P'_C/P_C of the sequences that go on) — are unbiased too, but
 carry the stop term only on sampled stops: with stopping probabilities of 0.4–0.8 % per
-position their 95 % intervals covered 63–82 % in the exact tests (tests/probes/
-test_delta_h_exact.py), against 93–95 % for these. The probe therefore logs only these.
+position their 95 % intervals covered 54–75 % (the recursion with s_t = ∅) and 70–78 % (score
+function) in the exact tests, against 94–95 % for these (tests/probes/test_delta_h_exact.py).
+The probe therefore logs only these.
 
 Design and standard errors
 --------------------------
