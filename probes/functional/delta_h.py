@@ -76,6 +76,8 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from probes.functional.ess import kish_ess, kish_sums
+
 NEG_INF = float("-inf")
 
 
@@ -216,9 +218,8 @@ def pool_mean_se(x: torch.Tensor, prompt: torch.Tensor, pool_size: int) -> tuple
 
 
 def kish_ess_frac(log_w: torch.Tensor) -> float:
-    """(Σw)² / Σw² / n of importance weights w = exp(log_w): how far θ' is from θ on this batch."""
-    w = torch.exp(log_w - log_w.max())
-    return float(w.sum() ** 2 / (w**2).sum()) / log_w.numel()
+    """Kish ESS / n of importance weights w = exp(log_w): how far θ' is from θ on this batch."""
+    return kish_ess(*kish_sums(torch.exp(log_w - log_w.max()))) / log_w.numel()  # ESS is scale-free
 
 
 def estimate(tab: TokenTable, prompt: torch.Tensor, ended: torch.Tensor, pool_size: int) -> dict[str, float]:

@@ -24,3 +24,41 @@ def test_dr_grpo_weights_are_abs_advantage_times_tokens():
     adv = torch.tensor([0.5, -0.5, 0.0])
     mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
     assert dr_grpo_weights(adv, mask).tolist() == [1.5, 0.5, 0.0]
+
+
+def test_ppo_ratio_ess_against_brute_force():
+    from types import SimpleNamespace
+
+    from probes.base import SetupContext, StepContext
+    from probes.ess import EssProbe
+
+    probe = EssProbe("ess")
+    probe.setup(SetupContext(None, None, None, None, {}))
+    probe.reset_stats()
+    cfg = SimpleNamespace(train=SimpleNamespace(ppo_epochs=3))
+    gen = torch.Generator().manual_seed(3)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    old = -torch.rand(3, 4, generator=gen)
+    new = old + 0.3 * torch.randn(3, 4, generator=gen)
+    mb = SimpleNamespace(completion_mask=mask, old_logp=old)
+    for epoch in range(3):  # only the last epoch counts
+        ctx = StepContext(1, None, None, 0.0, None, None, cfg, epoch=epoch, microbatch=mb, token_logp=new)
+        probe.on_after_backward(ctx)
+    out = probe.compute()
+    d = (new - old).double() * mask
+    tok = d.exp()[mask.bool()]
+    seq = d.sum(-1).exp()
+    assert out["ratio_ess_frac_tok"] == pytest.approx(float(tok.sum() ** 2 / (tok**2).sum()) / tok.numel(), rel=1e-12)
+    assert out["ratio_ess_frac_seq"] == pytest.approx(float(seq.sum() ** 2 / (seq**2).sum()) / 3, rel=1e-12)
+
+
+def test_ppo_ratio_ess_in_a_run(tmp_path):
+    from tests.helpers.runs import run_in_process, train_log
+
+    common = ("train.total_steps=1", "train.ppo_epochs=2", "probes.probes=[{name: ess, kind: ess}]")
+    (still,) = train_log(run_in_process(tmp_path / "lr0", *common, "train.lr=0"))
+    assert still["probe/ess/ratio_ess_frac_tok"] == 1.0 and still["probe/ess/ratio_ess_frac_seq"] == 1.0
+    (moved,) = train_log(run_in_process(tmp_path / "lr", *common, "train.lr=1e-2"))
+    assert 0 < moved["probe/ess/ratio_ess_frac_seq"] < 1 and 0 < moved["probe/ess/ratio_ess_frac_tok"] < 1
+    (single,) = train_log(run_in_process(tmp_path / "one", "train.total_steps=1", "probes.probes=[{name: ess, kind: ess}]"))
+    assert not any(k.startswith("probe/ess/ratio") for k in single)
