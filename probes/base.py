@@ -27,7 +27,7 @@ class StepContext:
     world: Any  # dist.DistInfo
     cfg: Any  # RunConfig
     epoch: int = 0  # PPO epoch (0 .. ppo_epochs − 1); the hooks below fire once per epoch
-    microbatch: Any = None  # RolloutBatch slice, in on_after_backward
+    microbatch: Any = None  # RolloutBatch slice, in on_before_microbatch and on_after_backward
     token_logp: torch.Tensor | None = None  # [b, L] detached log π of the microbatch's tokens
     microbatch_index: int = -1
     num_microbatches: int = 0
@@ -97,6 +97,9 @@ class Probe:
     def setup(self, ctx: SetupContext) -> None:
         pass
 
+    def on_before_microbatch(self, ctx: StepContext) -> None:
+        """Before each microbatch's forward (with ``ctx.microbatch``): attach captures here."""
+
     def on_after_backward(self, ctx: StepContext) -> None:
         pass
 
@@ -105,6 +108,10 @@ class Probe:
 
     def on_after_optimizer_step(self, ctx: StepContext) -> None:
         pass
+
+    def on_reduced(self) -> None:
+        """After the reduce, before ``compute``: update state (EMAs) from the reduced stats, so
+        that ``compute`` stays a pure function of stats and state."""
 
     def compute(self) -> dict[str, float]:
         """Reduced stats -> logged values (keys without the probe/<name>/ prefix)."""

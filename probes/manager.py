@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 # kind -> Probe subclass; probe modules register themselves here when imported.
 PROBE_KINDS: dict[str, type[Probe]] = {}
-BUILTIN_PROBE_MODULES = ("probes.ess", "probes.delta_h")
+BUILTIN_PROBE_MODULES = ("probes.ess", "probes.delta_h", "probes.gns")
 
 
 def registered_kinds() -> dict[str, type[Probe]]:
@@ -126,6 +126,9 @@ class ProbeManager:
             finally:
                 self._time[p.name] += time.perf_counter() - t0
 
+    def on_before_microbatch(self, ctx: StepContext) -> None:
+        self._call("on_before_microbatch", ctx)
+
     def on_after_backward(self, ctx: StepContext) -> None:
         self._call("on_after_backward", ctx)
 
@@ -166,6 +169,7 @@ class ProbeManager:
             for n in _names(p, "cat"):
                 p.stats[n] = [t for part in gathered for t in part[p.name][n]]
             try:
+                p.on_reduced()
                 values = p.compute()
             except Exception:
                 if self.strict:

@@ -296,4 +296,12 @@ def summarize(history: list[dict], seconds: float, step: int) -> dict:
         "groups_rejected_frac_mean": mean(col("rollout/groups_rejected_frac")),
         "entropy_last": (col("train/entropy") or [None])[-1],
         "tokens_per_s_mean": mean(col("time/tokens_per_s")),
+        # The last value each probe key had (probes are due every N steps, B_simple once resolved).
+        "probes_last": {k: col(k)[-1] for k in sorted({k for h in history for k in h if _summary_key(k)})},
     }
+
+
+def _summary_key(key: str) -> bool:
+    name = key.rsplit("/", 1)[-1]
+    return key.startswith("probe/") and name in ("pred", "pred_se", "true", "true_se", "pred_stop", "b_simple",
+                                                 "b_simple_seq", "loss_ess_frac")

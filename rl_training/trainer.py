@@ -5,6 +5,7 @@
                                                   # drop groups with all-equal rewards, refill to buffer
     for epoch in ppo_epochs:
       for i, mb in enumerate(microbatches(rollout)):      # grad_accum = buffer / (world × micro)
+          probes.on_before_microbatch(ctx)        # captures attach (per-sequence gradients)
           with no_sync unless last: loss(mb).backward()
           probes.on_after_backward(ctx)           # local, per-microbatch gradients (GNS small batch)
       probes.on_before_optimizer_step(ctx)        # synced gradient (GNS big batch)
@@ -125,13 +126,13 @@ class Trainer:
             ctx = ctx.replace(epoch=epoch)
             for i in range(self.accum):
                 mb = batch.select(slice(i * micro, (i + 1) * micro))
+                mb_ctx = ctx.replace(microbatch=mb, microbatch_index=i, num_microbatches=self.accum)
+                self.probes.on_before_microbatch(mb_ctx)  # captures attach to the forward+backward
                 with self._no_sync(i < self.accum - 1):
                     terms, ent, surprisal, logp = self._microbatch_loss(mb)
                     terms.loss.backward()
                 self._accumulate(sums, terms, ent, surprisal, first_epoch=epoch == 0)
-                self.probes.on_after_backward(
-                    ctx.replace(microbatch=mb, microbatch_index=i, num_microbatches=self.accum, token_logp=logp)
-                )
+                self.probes.on_after_backward(mb_ctx.replace(token_logp=logp))
             self.probes.on_before_optimizer_step(ctx)
             if epoch == 0:  # θ_k, before the first update of the step; later epochs see it too
                 snapshot = self.probes.param_snapshot(self.trainable)

@@ -19,6 +19,9 @@ def test_tiny_run_trains_logs_and_saves(tmp_path):
                 "rollout/completion_len_mean", "rollout/completion_len_max", "rollout/groups_rejected_frac",
                 "rollout/rounds", "time/step_s", "time/rollout_s", "time/tokens_per_s"):
         assert key in rows[0] and rows[0][key] is not None and math.isfinite(rows[0][key]), key
+    # The summary carries each probe's last headline values.
+    last = json.loads((run / "summary.json").read_text())["probes_last"]
+    assert last["probe/delta_h/pred"] == rows[-1]["probe/delta_h/pred"] and "probe/ess/loss_ess_frac" in last
     # A full-vocabulary entropy of a near-uniform tiny model is close to log(vocab) and positive.
     assert 0 < rows[0]["train/entropy"] <= math.log(1024)
     # The LoRA B matrices start at zero; a step with nonzero advantages moves them.

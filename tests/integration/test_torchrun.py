@@ -42,6 +42,8 @@ def test_two_ranks_equal_one_process(tmp_path):
         for key in probe_keys:
             rel = 1e-2 if key.endswith(snis) else 1e-5
             assert ra[key] == pytest.approx(rb[key], rel=rel, abs=1e-9), key
+        for key in ("probe/gns/P", "probe/gns/sum_sq_groups", "probe/gns/g2", "probe/gns/s_w"):  # the reduced GNS sums
+            assert ra[key] == pytest.approx(rb[key], rel=1e-6), key
 
 
 def test_delta_h_two_ranks_equal_one_process_on_the_same_ebatch(tmp_path):

@@ -1,0 +1,94 @@
+"""Per-row gradients of trainable Linear layers from one forward+backward (the capture engine).
+
+Rows of a batch do not interact, so for y = W x + b the hooks of ONE forward+backward of a
+row-separable objective Σ_i f_i give, per position t, the input x_t and the output gradient
+δ_t = ∂(Σ f)/∂y_t, and row i's gradients are g_i(W) = Σ_{t∈i} δ_t x_tᵀ (einsum 'bto,bti->boi')
+and g_i(b) = Σ_{t∈i} δ_t. LoRA's A and B are Linear modules, so this covers peft LoRA exactly;
+a trainable parameter outside a Linear is refused.
+
+Row gradients are handed to a callback module by module as soon as the backward reaches the
+module, then dropped: memory stays at one module's [rows × params] at a time. The hooks only
+read: the forward, the backward and whatever DDP does with ``.grad`` are unchanged. Attach
+them around the forward+backward to capture (e.g. one training microbatch) and detach after.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from rl_training.errors import ConfigError
+
+RowGrads = Callable[[str, torch.Tensor], None]  # (parameter name, [rows, *param.shape]) -> None
+
+
+def linear_owners(model: torch.nn.Module, names: set[str]) -> dict[torch.nn.Module, dict[str, str]]:
+    """module -> {"weight"|"bias": full parameter name} for the named parameters; refuses others."""
+    owners: dict[torch.nn.Module, dict[str, str]] = {}
+    for mod_name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        for attr in ("weight", "bias"):
+            full = f"{mod_name}.{attr}" if mod_name else attr
+            if full in names:
+                owners.setdefault(module, {})[attr] = full
+    missing = names - {full for attrs in owners.values() for full in attrs.values()}
+    if missing:
+        raise ConfigError(f"per-sequence gradients need trainable parameters inside nn.Linear (LoRA is); "
+                          f"not: {sorted(missing)[:3]}")
+    return owners
+
+
+class LinearCapture:
+    """Forward hooks on the Linear modules owning ``names``; ``on_rows(name, g)`` per parameter."""
+
+    def __init__(self, model: torch.nn.Module, names: set[str], on_rows: RowGrads):
+        self.owners = linear_owners(model, names)
+        self.on_rows = on_rows
+        self._handles: list = []
+        self.seen: set[str] = set()
+        self.error: BaseException | None = None  # raised by the owner after the backward
+        self.seconds = 0.0  # spent in the hooks since attach (inside the owner's backward)
+
+    def attach(self) -> None:
+        self.detach()
+        self.seen, self.error, self.seconds = set(), None, 0.0
+        self._handles = [m.register_forward_hook(self._forward_hook) for m in self.owners]
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _forward_hook(self, module, inputs, output) -> None:
+        if not output.requires_grad:
+            return
+        x = inputs[0].detach()
+        attrs = self.owners[module]
+
+        def grad_hook(delta: torch.Tensor) -> None:
+            # An exception here would abort the TRAINING backward: keep it for the owner, who
+            # raises it where the probe manager isolates probe failures.
+            if self.error is None:
+                t0 = time.perf_counter()
+                try:
+                    self._rows(attrs, x, delta)
+                except Exception as e:  # noqa: BLE001
+                    self.error = e
+                self.seconds += time.perf_counter() - t0
+
+        output.register_hook(grad_hook)
+
+    def _rows(self, attrs: dict[str, str], x: torch.Tensor, delta: torch.Tensor) -> None:
+        d = delta.detach().float()
+        xs = x.float()
+        rows = d.shape[0]
+        d3, x3 = d.reshape(rows, -1, d.shape[-1]), xs.reshape(rows, -1, xs.shape[-1])
+        if "weight" in attrs:
+            self.on_rows(attrs["weight"], torch.einsum("bto,bti->boi", d3, x3))
+            self.seen.add(attrs["weight"])
+        if "bias" in attrs:
+            self.on_rows(attrs["bias"], d3.sum(dim=1))
+            self.seen.add(attrs["bias"])

@@ -1,0 +1,183 @@
+"""GNS probe (kind ``gns``): gradient noise scale and critical batch size, in prompts and in
+completions per prompt, from the step's own backward (no extra forward or backward).
+
+What an example is: the prompt GROUP that enters the step's loss (an accepted group, with reward
+variance). Its G completions share a prompt and the group-mean baseline, so they are not
+independent; groups are. Groups added only to fill the buffer carry zero advantage and no
+gradient (with kl_beta = 0; with a KL term they carry its gradient but still are not examples):
+they are not counted in P. Estimators and the two-level split: ``probes/functional/gns.py``.
+
+How: while each microbatch of PPO epoch 0 runs forward and backward, hooks on the LoRA Linear
+layers (``probes/capture.py``) hand over each sequence's gradient of the rank's local loss,
+module by module; the probe keeps Σ_i |∇ℓ_i|² and, per example group, the running sum of its
+rows' gradients (a group may span consecutive microbatches), whose squared norm is added when
+the group's last row has passed. |g|² is the synced (all-reduced) gradient before clipping.
+Scale: rank r's loss is the global loss × world size W on its rows, so Γ_p = (P/W)·Σ_{i∈p}
+∇ℓ_i^local and γ_i = (P·G/W)·∇ℓ_i^local; with these factors the estimates do not depend on W.
+
+Options: ``ema_beta`` (default 0.9), ``group_sizes`` (G' at which to predict B, default
+[2, 4, 8, 16]).
+
+| key | meaning |
+|---|---|
+| `P` | example groups in the step (all ranks) |
+| `q` | accepted / generated groups this step |
+| `g2` | \\|g\\|² of the synced gradient before clipping |
+| `sum_sq_groups` | Σ_p \\|Γ_p\\|² |
+| `trS`, `g2_true` | this step's unbiased tr Σ̂ and \\|ḡ̂\\|² (often negative: B is many steps' P) |
+| `s_w` | this step's within-group scatter of the sequences' gradients |
+| `trS_ema`, `g2_ema`, `g2_ema_se`, `s_w_ema` | bias-corrected EMAs (and the SE of the signal's) |
+| `trS_between`, `trS_intra` | split of trS_ema: tr Σ_between and s_w/G (approximate: the group baseline couples a group's sequences) |
+| `b_resolved` | 1 when g2_ema > 2·g2_ema_se, else 0: the keys below are logged only then |
+| `b_simple`, `b_simple_seq`, `b_simple_gen` | B_simple = trS_ema / g2_ema in example prompts, in sequences (× G), in generated prompts ((B + 1 − q)/q, exact with kl_beta = 0) |
+| `b_seq_G<k>` | predicted B_simple in sequences at group size k: k·(tr Σ_between + s_w/k) / g2_ema |
+| `time_capture_s` | time in the capture hooks, inside the training backward (slowest rank; `time_s` excludes it) |
+"""
+
+from __future__ import annotations
+
+import torch
+
+from probes.base import Probe, SetupContext, StepContext
+from probes.capture import LinearCapture
+from probes.functional import gns as F
+from probes.manager import register
+from rl_training.errors import ConfigError
+
+OPTIONS = {"ema_beta", "group_sizes"}
+
+
+@register
+class GnsProbe(Probe):
+    kind = "gns"
+
+    def __init__(self, name: str, every_n_steps: int = 1, options: dict | None = None):
+        super().__init__(name, every_n_steps, options)
+        self.ema = {k: F.Ema(0.9) for k in ("trS", "g2", "s_w")}  # state exists before setup (resume)
+
+    def setup(self, ctx: SetupContext) -> None:
+        unknown = set(self.options) - OPTIONS
+        if unknown:
+            raise ConfigError(f"probe '{self.name}': unknown option(s) {sorted(unknown)} (valid: {sorted(OPTIONS)})")
+        beta = float(self.options.get("ema_beta", 0.9))
+        if not 0.0 <= beta < 1.0:
+            raise ConfigError(f"probe '{self.name}': ema_beta must be in [0, 1), got {beta}")
+        self.group_sizes = [int(k) for k in self.options.get("group_sizes", [2, 4, 8, 16])]
+        if any(k < 1 for k in self.group_sizes):
+            raise ConfigError(f"probe '{self.name}': group_sizes must be >= 1, got {self.group_sizes}")
+        self.G = ctx.cfg.rollout.group_size
+        self.world_size = ctx.world.world_size
+        names = {n for n, p in ctx.model.named_parameters() if p.requires_grad}
+        self.capture = LinearCapture(ctx.model, names, self._on_rows)
+        for e in self.ema.values():
+            e.beta = beta
+        for k in ("P", "sq_groups", "sq_members", "groups", "groups_accepted"):
+            self.add_stat(k)
+        self.add_stat("g2", reduce="max")  # the synced gradient: the same on every rank
+        self.add_stat("time_capture_s", reduce="max")  # spent inside the training backward (not in time_s)
+        self._rows_of_mb: dict = {}
+        self._open: dict[tuple[int, str], torch.Tensor] = {}  # partial sums of groups spanning microbatches
+        self._sq_members = self._sq_groups = torch.zeros((), dtype=torch.float64)
+
+    # -------------------------------------------------------------------------- hooks
+    def on_before_microbatch(self, ctx: StepContext) -> None:
+        if ctx.epoch > 0:
+            return
+        if ctx.microbatch_index == 0:
+            self._plan_step(ctx.batch)
+        start = ctx.microbatch_index * ctx.cfg.train.microbatch_size
+        end = start + len(ctx.microbatch)
+        gid = ctx.batch.group_index[start:end]
+        # Rows of each example group in this microbatch, and whether the group ends here.
+        self._rows_of_mb = {int(g): ((gid == g).nonzero().flatten(), self._group_end[int(g)] < end)
+                            for g in gid.unique() if int(g) in self._examples}
+        self.capture.attach()
+
+    def on_after_backward(self, ctx: StepContext) -> None:
+        if ctx.epoch > 0:
+            return
+        self.capture.detach()
+        self.stats["time_capture_s"] += self.capture.seconds
+        if self.capture.error is not None:
+            raise self.capture.error
+        wanted = {n for attrs in self.capture.owners.values() for n in attrs.values()}
+        if wanted - self.capture.seen:
+            raise RuntimeError(f"no per-row gradient for {sorted(wanted - self.capture.seen)[:3]}")
+
+    def on_before_optimizer_step(self, ctx: StepContext) -> None:
+        if ctx.epoch > 0:
+            return
+        assert not self._open, "a group's rows did not all pass through the backward"
+        grads = [p.grad.double().pow(2).sum() for p in ctx.trainable().values() if p.grad is not None]
+        self.stats["g2"] = float(torch.stack(grads).sum()) if grads else 0.0
+        self.stats["sq_members"] += float(self._sq_members)
+        self.stats["sq_groups"] += float(self._sq_groups)
+        st = ctx.batch.stats
+        self.stats["groups"] += float(st.groups)
+        self.stats["groups_accepted"] += float(st.groups - st.groups_rejected)
+
+    def _plan_step(self, batch) -> None:
+        """Which groups are examples (some nonzero advantage) and the last row of each."""
+        gid, adv = batch.group_index, batch.advantages
+        groups = [int(g) for g in gid.unique()]
+        self._examples = {g for g in groups if bool((adv[gid == g] != 0).any())}
+        self._group_end = {g: int((gid == g).nonzero().max()) for g in groups}
+        self._open = {}
+        # Device-side sums: no host sync per module in the backward.
+        self._sq_members = self._sq_groups = torch.zeros((), dtype=torch.float64)
+        self.stats["P"] += float(len(self._examples))
+
+    def _on_rows(self, name: str, rows: torch.Tensor) -> None:
+        """One parameter's per-row gradients [b, ...] of the current microbatch."""
+        flat = rows.reshape(rows.shape[0], -1)
+        for g, (idx, ends_here) in self._rows_of_mb.items():
+            part = flat[idx.to(flat.device)].double()
+            self._sq_members = self._sq_members.to(part.device) + part.pow(2).sum()
+            total = part.sum(0)
+            if (g, name) in self._open:
+                total = total + self._open.pop((g, name))
+            if ends_here:
+                self._sq_groups = self._sq_groups.to(part.device) + total.pow(2).sum()
+            else:
+                self._open[(g, name)] = total
+
+    # -------------------------------------------------------------------------- results
+    def on_reduced(self) -> None:
+        raw = self._raw()
+        for k in self.ema:
+            self.ema[k].update(raw[k])
+
+    def _raw(self) -> dict[str, float]:
+        s, W, G = self.stats, self.world_size, self.G
+        P = s["P"]
+        sq_groups = (P / W) ** 2 * s["sq_groups"]
+        sq_members = (P * G / W) ** 2 * s["sq_members"]
+        trS, g2_true = F.noise_and_signal(sq_groups, s["g2"], P)
+        return {"trS": trS, "g2": g2_true, "s_w": F.within_scatter(sq_members, sq_groups, P, G),
+                "sq_groups": sq_groups}
+
+    def compute(self) -> dict[str, float]:
+        s, G = self.stats, self.G
+        raw = self._raw()
+        q = s["groups_accepted"] / s["groups"] if s["groups"] else float("nan")
+        out = {"P": s["P"], "q": q, "g2": s["g2"], "time_capture_s": s["time_capture_s"], "sum_sq_groups": raw["sq_groups"], "trS": raw["trS"],
+               "g2_true": raw["g2"], "s_w": raw["s_w"]}
+        trS, g2, s_w = (self.ema[k].mean for k in ("trS", "g2", "s_w"))
+        g2_se = self.ema["g2"].se
+        out.update(trS_ema=trS, g2_ema=g2, g2_ema_se=g2_se, s_w_ema=s_w, trS_between=trS - s_w / G, trS_intra=s_w / G)
+        b = F.b_simple(trS, g2, g2_se)
+        out["b_resolved"] = float(b is not None)
+        if b is not None:
+            out.update(b_simple=b, b_simple_seq=b * G, b_simple_gen=F.generated_prompts(b, q))
+            between = max(trS - s_w / G, 0.0)
+            for k in self.group_sizes:
+                out[f"b_seq_G{k}"] = k * (between + max(s_w, 0.0) / k) / g2
+        return {k: v for k, v in out.items() if v == v}  # nan: not measurable this step (P < 2)
+
+    def state_dict(self) -> dict:
+        return {k: e.state_dict() for k, e in self.ema.items()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        for k, e in self.ema.items():
+            if k in sd:
+                e.load_state_dict(sd[k])

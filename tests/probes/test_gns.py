@@ -1,0 +1,79 @@
+"""The GNS probe in the loop against brute force: one backward per group and per sequence.
+
+tiny-random, group size 4, microbatch 2 (every group spans two of the step's four
+microbatches): the squared norms the capture hooks collect during the training backward equal
+those of separate backward passes of each group's (and each sequence's) share of the loss, and
+the training gradient is bit-identical with and without the probe.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from probes.functional import gns as F
+from rl_training.config import load_config
+from rl_training.dist import DistInfo
+from rl_training.session import build_session
+from tests.helpers.runs import TINY
+
+STEP = ("train.total_steps=1", "train.buffer_size=8", "train.microbatch_size=2", "rollout.group_size=4",
+        "rollout.max_rounds=8", "train.lr=1e-3")
+
+
+def _trainer(*extra):
+    return build_session(load_config(TINY, [*STEP, *extra]), DistInfo()).trainer
+
+
+def _grad_sq(trainer, batch, rows: slice) -> tuple[float, dict]:
+    """|∇ of the rows' share of the local loss|² by a backward of those rows alone."""
+    trainer.policy.zero_grad(set_to_none=True)
+    terms, *_ = trainer._microbatch_loss(batch.select(rows))
+    terms.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in trainer.trainable.items() if p.grad is not None}
+    return sum(float(g.double().pow(2).sum()) for g in grads.values()), grads
+
+
+def test_captured_sums_equal_per_group_and_per_sequence_backward_passes():
+    trainer = _trainer("probes.probes=[{name: gns, kind: gns}]")
+    theta = {n: p.detach().clone() for n, p in trainer.trainable.items()}
+    torch.manual_seed(0)
+    out = trainer.train_step()
+    logged = {k.split("/")[-1]: v for k, v in out.metrics.items() if k.startswith("probe/gns/")}
+    batch = out.batch
+    with torch.no_grad():  # back to θ_k, where the step's gradients were taken
+        for n, p in trainer.trainable.items():
+            p.copy_(theta[n])
+    trainer.policy.train()
+    G = 4
+    examples = [g for g in range(len(batch) // G) if bool((batch.advantages[g * G:(g + 1) * G] != 0).any())]
+    P = len(examples)
+    assert P >= 2 and logged["P"] == P
+    sq_groups = sum(_grad_sq(trainer, batch, slice(g * G, (g + 1) * G))[0] for g in examples)
+    sq_members = sum(_grad_sq(trainer, batch, slice(i, i + 1))[0] for g in examples for i in range(g * G, (g + 1) * G))
+    full, _ = _grad_sq(trainer, batch, slice(0, len(batch)))
+    assert logged["sum_sq_groups"] == pytest.approx(P**2 * sq_groups, rel=1e-5)
+    assert logged["g2"] == pytest.approx(full, rel=1e-5)
+    want_s_w = F.within_scatter((P * G) ** 2 * sq_members, P**2 * sq_groups, P, G)
+    assert logged["s_w"] == pytest.approx(want_s_w, rel=1e-5)
+    trS, g2 = F.noise_and_signal(P**2 * sq_groups, full, P)
+    assert logged["trS"] == pytest.approx(trS, rel=1e-4) and logged["g2_true"] == pytest.approx(g2, rel=1e-4, abs=1e-12)
+
+
+def test_training_gradient_is_unchanged_by_the_captures():
+    def step(probes):
+        trainer = _trainer(probes)
+        trainer.train_step()
+        return {n: p.detach().clone() for n, p in trainer.trainable.items()}
+
+    with_probe, without = step("probes.probes=[{name: gns, kind: gns}]"), step("probes.probes=[]")
+    assert all(torch.equal(with_probe[n], without[n]) for n in without)
+
+
+def test_refuses_trainable_parameters_outside_linear_layers():
+    from probes.capture import linear_owners
+    from rl_training.errors import ConfigError
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
+    with pytest.raises(ConfigError, match="inside nn.Linear"):
+        linear_owners(model, {n for n, _ in model.named_parameters()})
