@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import random
+import zlib
 
 import pytest
 import torch
@@ -29,6 +30,10 @@ from probes.functional import delta_h as F
 V, L, T = 5, 4, 0.8
 STOPS = (3, 4)
 REPEATS = 2000  # binomial SE of a 95 % coverage: 0.5 %
+# The lowest true coverage of the designs, measured with 20,000 repeats (SE 0.17 %), is 93.6 %:
+# rare stopping, the whole pool × 2 (16 within-prompt df, a heavy-tailed contribution when a stop is
+# drawn). 92 % is 3 binomial SEs below it; the estimator blind to stops reaches 53–75 %.
+COVERAGE_RANGE = (0.92, 0.97)
 LOGIT_SCALE = 2.0  # a flat policy: losing a future of several tokens is costly, single tokens are not
 STOP_BIAS = {"rare": -3.7, "common": -1.5}  # per position: ≈ 0.4–0.8 % and ≈ 6–12 %
 POOL = [[a, b] for a in range(4) for b in range(4)]
@@ -257,7 +262,7 @@ def _estimates(tab, prompt, pool):
 def repeats(world):
     results = {}
     for design, (pool, _, _) in DESIGNS.items():
-        gen, tgen = random.Random(f"{world['regime']}/{design}"), torch.Generator().manual_seed(hash(design) % 2**31)
+        gen, tgen = random.Random(f"{world['regime']}/{design}"), torch.Generator().manual_seed(zlib.crc32(design.encode()))
         rows = [_estimates(*_draw(world, design, gen, tgen), pool) for _ in range(REPEATS)]
         exact_pred = sum(world["prompts"][p]["pred"] for p in range(pool)) / pool
         exact_true = sum(world["prompts"][p]["true"] for p in range(pool)) / pool
@@ -281,7 +286,7 @@ def test_estimators_are_unbiased_and_their_intervals_cover(world, repeats, desig
     covered, z_mean = _summary(repeats[design], key)
     print(f"{world['regime']:6s} {design:22s} {key:5s} coverage {covered:.3f}  mean z {z_mean:+.2f}")
     assert abs(z_mean) < 3, z_mean
-    assert 0.93 <= covered <= 0.97, covered
+    assert COVERAGE_RANGE[0] <= covered <= COVERAGE_RANGE[1], covered
 
 
 def test_estimators_blind_to_stopping_are_overconfident_when_stops_are_rare(world, repeats):
