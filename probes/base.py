@@ -9,12 +9,14 @@ all_reduce), then calls ``compute`` which turns reduced sums into logged values.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
-REDUCTIONS = ("sum", "max", "min", "cat")
+from probes.ebatch import EBatchSource
+from probes.stats import StatSet
 
 
 @dataclass(frozen=True)
@@ -57,12 +59,12 @@ class SetupContext:
     eval_records: list = field(default_factory=list)  # held-out prompts (E-batches)
     train_records: list = field(default_factory=list)
     prompt_fn: Callable[[str], str] | None = None  # question -> prompt text, as in training
+    ebatches: EBatchSource | None = None  # one per run: probes asking the same spec share the step's E-batch
 
-
-@dataclass
-class _Stat:
-    default: float | torch.Tensor
-    reduce: str
+    def __post_init__(self):
+        if self.ebatches is None and self.cfg is not None:
+            self.ebatches = EBatchSource(self.cfg, self.world, self.tokenizer, self.prompt_fn,
+                                         {"eval": self.eval_records, "train": self.train_records})
 
 
 class Probe:
@@ -73,22 +75,19 @@ class Probe:
         self.name = name
         self.every_n_steps = every_n_steps
         self.options = dict(options or {})
-        self._declared: dict[str, _Stat] = {}
-        self.stats: dict[str, Any] = {}
+        self.statset = StatSet()
+        self.stats: dict[str, Any] = self.statset.values  # what the hooks accumulate into
+        self.step = 0  # the step being probed (set by the manager when the probe is due)
+        self.output_dir: Path | None = None  # the run directory, for probes that write files (rank 0)
 
     # -- declaration ------------------------------------------------------------------
     def add_stat(self, name: str, default: float | torch.Tensor = 0.0, reduce: str = "sum") -> None:
         """Declare a stat: a float or a fixed-shape tensor (sum/max/min elementwise), or a list
         of tensors for ``cat`` (concatenated over ranks, rank order)."""
-        assert reduce in REDUCTIONS, f"reduce must be one of {REDUCTIONS}"
-        assert name not in self._declared, f"stat {name} declared twice"
-        self._declared[name] = _Stat(default, reduce)
+        self.statset.add(name, default, reduce)
 
     def reset_stats(self) -> None:
-        self.stats = {
-            n: [] if s.reduce == "cat" else (s.default.clone() if isinstance(s.default, torch.Tensor) else s.default)
-            for n, s in self._declared.items()
-        }
+        self.statset.reset()
 
     def is_due(self, step: int) -> bool:
         return step % self.every_n_steps == 0

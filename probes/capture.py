@@ -51,6 +51,7 @@ class LinearCapture:
         self.seen: set[str] = set()
         self.error: BaseException | None = None  # raised by the owner after the backward
         self.seconds = 0.0  # spent in the hooks since attach (inside the owner's backward)
+        self._generation = 0  # bumped by detach: hooks of an earlier attach stay quiet
 
     def attach(self) -> None:
         self.detach()
@@ -58,20 +59,24 @@ class LinearCapture:
         self._handles = [m.register_forward_hook(self._forward_hook) for m in self.owners]
 
     def detach(self) -> None:
+        """Remove the forward hooks; gradient hooks already on tensors of a kept graph go quiet
+        (a later backward through it, e.g. with retain_graph, captures nothing)."""
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._generation += 1
 
     def _forward_hook(self, module, inputs, output) -> None:
         if not output.requires_grad:
             return
         x = inputs[0].detach()
         attrs = self.owners[module]
+        generation = self._generation
 
         def grad_hook(delta: torch.Tensor) -> None:
             # An exception here would abort the TRAINING backward: keep it for the owner, who
             # raises it where the probe manager isolates probe failures.
-            if self.error is None:
+            if self.error is None and generation == self._generation:
                 t0 = time.perf_counter()
                 try:
                     self._rows(attrs, x, delta)

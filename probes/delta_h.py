@@ -42,43 +42,23 @@ over all ranks, default 16), ``completions_per_prompt`` (k, default 2), ``microb
 
 from __future__ import annotations
 
-import random
+import dataclasses
 import time
-from dataclasses import dataclass
 
 import torch
 
 from probes.base import Probe, SetupContext, StepContext
+from probes.ebatch import EBatch, EBatchSpec
 from probes.evaluation import PRECISIONS, PolicyEvaluator
 from probes.functional import delta_h as F
 from probes.manager import register
 from rl_training.data.prompts import STOP_STRINGS
 from rl_training.errors import ConfigError
 from rl_training.policy import microbatches
-from rl_training.sampling import Completions, eos_token_ids, sample, stable_seed
+from rl_training.sampling import eos_token_ids
 from rl_training.stops import StopRule
 
 OPTIONS = {"batch_size", "completions_per_prompt", "microbatch_size", "pool", "precision"}
-
-
-@dataclass
-class EBatch:
-    completions: Completions  # this rank's rows
-    prompt: torch.Tensor  # [B] int64, pool index of each row
-
-    @property
-    def tensors(self):
-        c = self.completions
-        return c.prompt_ids, c.prompt_mask, c.completion_ids, c.completion_mask
-
-
-def ebatch_plan(pool_size: int, batch_size: int, per_prompt: int, seed: int, step: int) -> list[tuple[int, int]]:
-    """(pool index, completion index) of the global E-batch: n = min(N, B_E // k) prompts drawn
-    without replacement, B_E completions spread over them as evenly as possible."""
-    n = min(pool_size, max(1, batch_size // per_prompt))
-    prompts = random.Random(stable_seed(seed, "ebatch-prompts", step)).sample(range(pool_size), n)
-    counts = [batch_size // n + (1 if p < batch_size % n else 0) for p in range(n)]
-    return [(prompts[p], j) for p in range(n) for j in range(counts[p])]
 
 
 @register
@@ -90,21 +70,17 @@ class DeltaHProbe(Probe):
         unknown = set(self.options) - OPTIONS
         if unknown:
             raise ConfigError(f"probe '{self.name}': unknown option(s) {sorted(unknown)} (valid: {sorted(OPTIONS)})")
-        cfg, world = ctx.cfg, ctx.world
-        self.batch_size = int(self.options.get("batch_size", 16))
-        self.per_prompt = int(self.options.get("completions_per_prompt", 2))
+        cfg = ctx.cfg
+        self.spec = EBatchSpec(str(self.options.get("pool", "eval")), int(self.options.get("batch_size", 16)),
+                               int(self.options.get("completions_per_prompt", 2)))
         self.micro = int(self.options.get("microbatch_size", cfg.train.microbatch_size))
         self.precision = self.options.get("precision", "auto")
-        pool = self.options.get("pool", "eval")
-        if pool not in ("eval", "train"):
-            raise ConfigError(f"probe '{self.name}': pool must be eval|train, got {pool!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"probe '{self.name}': precision must be {'|'.join(PRECISIONS)}, got {self.precision!r}")
-        self.pool = ctx.eval_records if pool == "eval" else ctx.train_records
-        if not self.pool:
-            raise ConfigError(f"probe '{self.name}': the {pool} prompt pool is empty (data.eval_fraction = 0?)")
-        self.check_batch(self.batch_size)
-        self.cfg, self.world, self.tokenizer, self.prompt_fn = cfg, world, ctx.tokenizer, ctx.prompt_fn
+        self.ebatches = ctx.ebatches
+        self.ebatches.check(self.spec, f"probe '{self.name}'")
+        self.pool_size = len(self.ebatches.pool(self.spec))
+        self.cfg = cfg
         self.l_budget = cfg.rollout.max_new_tokens
         self.stop_rule = StopRule(ctx.tokenizer, eos_token_ids(ctx.model, ctx.tokenizer), STOP_STRINGS)
         self._evaluator = None
@@ -117,16 +93,11 @@ class DeltaHProbe(Probe):
             self.add_stat(f"time_{part}_s", reduce="max")
         self.lr = float("nan")
 
-    def check_batch(self, batch_size: int) -> None:
-        """B_E and k must give a standard error: ≥ 2 prompts, or the whole pool with ≥ 2 completions."""
-        name, N = self.name, len(self.pool)
-        if batch_size < 2 or self.per_prompt < 1:
-            raise ConfigError(f"probe '{name}': batch_size (B_E) must be >= 2 and completions_per_prompt >= 1, "
-                              f"got {batch_size} and {self.per_prompt}")
-        n = min(N, max(1, batch_size // self.per_prompt))
-        if n < 2 and not (n == N and batch_size >= 2):
-            raise ConfigError(f"probe '{name}': batch_size {batch_size} with completions_per_prompt {self.per_prompt} "
-                              f"draws 1 of {N} prompts: no standard error; raise batch_size or lower completions_per_prompt")
+    def ebatch_spec(self, batch_size: int) -> EBatchSpec:
+        """The probe's spec at another B_E (offline experiments), checked."""
+        spec = dataclasses.replace(self.spec, batch_size=batch_size)
+        self.ebatches.check(spec, f"probe '{self.name}'")
+        return spec
 
     def evaluator(self, model) -> PolicyEvaluator:
         if self._evaluator is None or self._evaluator.model is not model:
@@ -150,7 +121,7 @@ class DeltaHProbe(Probe):
             return
         self.lr = ctx.lr
         t0 = time.perf_counter()
-        self._ebatch = self.sample_ebatch(ctx.model, ctx.step)
+        self._ebatch = self.ebatches.get(ctx.model, ctx.step, self.spec)  # shared with other probes
         self.stats["time_gen_s"] += time.perf_counter() - t0
 
     def on_after_optimizer_step(self, ctx: StepContext) -> None:
@@ -160,22 +131,6 @@ class DeltaHProbe(Probe):
         self.measure(ctx.model, ctx.params_before, ctx.delta_theta(), ebatch)
 
     # -------------------------------------------------------------------------- measuring
-    def sample_ebatch(self, model, step: int, batch_size: int | None = None) -> EBatch:
-        """This rank's share (whole prompts) of a global E-batch that depends only on (seed, step)."""
-        seed = self.cfg.seed
-        plan = ebatch_plan(len(self.pool), batch_size or self.batch_size, self.per_prompt, seed, step)
-        order = list(dict.fromkeys(p for p, _ in plan))  # prompts in draw order
-        mine = {p for i, p in enumerate(order) if i % self.world.world_size == self.world.rank}
-        rows = [(p, j) for p, j in plan if p in mine]
-        comps = sample(
-            model, self.tokenizer,
-            [self.prompt_fn(self.pool[p].question) for p, _ in rows],
-            [stable_seed(seed, "ebatch", step, p, j) for p, j in rows],
-            max_new_tokens=self.l_budget, temperature=self.cfg.rollout.temperature,
-            stop_strings=STOP_STRINGS, max_prompt_tokens=self.cfg.data.max_prompt_tokens,
-        ) if rows else None
-        return EBatch(comps, torch.tensor([p for p, _ in rows], dtype=torch.long))
-
     def tables(self, model, theta: dict, ebatch: EBatch, theta_new: dict | None = None, delta: dict | None = None,
                cache: dict | None = None, timer: dict | None = None):
         """(TokenTable [b, ·, L_budget], rows [b, 3]) per microbatch of ``ebatch``.
@@ -193,7 +148,7 @@ class DeltaHProbe(Probe):
             theta_new = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
         always = torch.tensor(self.stop_rule.always, dtype=torch.long)
         for i, (rows, tensors) in enumerate(microbatches(ebatch.tensors, self.micro)):
-            extra, extra_mask = self.stop_rule.stop_sets(tensors[2], tensors[3])
+            extra, extra_mask = self.stop_rule.stop_sets(tensors.completion_ids, tensors.completion_mask)
             stops = (always, extra, extra_mask)
             t0 = time.perf_counter()
             if cache is not None and i in cache:
@@ -213,10 +168,8 @@ class DeltaHProbe(Probe):
             yield self._table(tensors, always, extra, extra_mask, old, new, d, ebatch.prompt[rows])
 
     def _table(self, tensors, always, extra, extra_mask, old, new, d, prompt):
-        y, mask = tensors[2], tensors[3].double()
-        in_always = torch.isin(y, always)
-        in_extra = ((extra == y.unsqueeze(-1)) & extra_mask).any(-1)
-        cont = mask * (~(in_always | in_extra)).double()
+        mask = tensors.completion_mask.double()
+        cont, in_always, in_extra = F.stop_split(tensors.completion_ids, mask, always, extra, extra_mask)
         zero = torch.zeros_like(mask)
         cpu = {k: v.detach().double().cpu() for k, v in old.items()}
         cpu_new = {k: v.detach().double().cpu() for k, v in new.items()}
@@ -237,7 +190,7 @@ class DeltaHProbe(Probe):
         far the evaluated policy is from the one that sampled (bf16 decoding)."""
         native = PolicyEvaluator(model, "model", self.cfg.rollout.temperature)
         lp_model = native.terms(tensors, stops, trainable)["lp"]
-        mask = tensors[3].to(lp_model.device).double()
+        mask = tensors.completion_mask.to(lp_model.device).double()
         return float(((lp_probe - lp_model).abs() * mask).sum()), float(mask.sum())
 
     def measure(self, model, theta: dict, delta: dict, ebatch: EBatch, theta_new: dict | None = None) -> None:
@@ -262,7 +215,7 @@ class DeltaHProbe(Probe):
             return {}
         tab = F.TokenTable.unstack(torch.cat(tables))
         meta = torch.cat(rows)
-        out = F.estimate(tab, meta[:, 0].long(), meta[:, 1].long(), len(self.pool))
+        out = F.estimate(tab, meta[:, 0].long(), meta[:, 1].long(), self.pool_size)
         out["ratio"] = out["pred"] / out["true"] if out["true"] else float("nan")
         L = float(self.l_budget)
         out.update(pred_tok=out["pred"] / L, true_tok=out["true"] / L, H_tok=out["H"] / L)

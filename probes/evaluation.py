@@ -75,21 +75,21 @@ class PolicyEvaluator:
             } if cast else {}
         return {**self._frozen, **{n: t.to(self.dtype) for n, t in trainable.items()}}
 
-    def _terms(self, tensors, stops, params) -> dict[str, torch.Tensor]:
+    def _terms(self, tensors: policy.TokenBatch, stops, params) -> dict[str, torch.Tensor]:
         def forward(**kw):
             return functional_call(self.model, params, args=(), kwargs=kw, strict=False)
 
         logits = policy.completion_logits(self.model, *tensors, self.temperature, forward=forward)
         device = logits.device
         always, extra, extra_mask = (t.to(device) for t in stops)
-        return token_terms(logits, tensors[2].to(device), always, extra, extra_mask)
+        return token_terms(logits, tensors.completion_ids.to(device), always, extra, extra_mask)
 
     @torch.no_grad()
-    def terms(self, tensors, stops, trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def terms(self, tensors: policy.TokenBatch, stops, trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with eval_mode(self.model), exact_matmuls():
             return self._terms(tensors, stops, self._params(trainable))
 
-    def terms_jvp(self, tensors, stops, trainable, direction) -> dict[str, torch.Tensor]:
+    def terms_jvp(self, tensors: policy.TokenBatch, stops, trainable, direction) -> dict[str, torch.Tensor]:
         """d/dε at ε = 0 of ``terms`` at trainable + ε·direction."""
         from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -1,9 +1,9 @@
 """Runs the due probes at each hook, reduces their stats across ranks, isolates failures.
 
-Reduction: every sum-stat of every due probe, plus one failure flag for EVERY probe (due or
-not), is packed into one flat float64 buffer and all-reduced ONCE per step; max- and min-stats
-take one more collective each, cat-stats one all_gather_object. At world_size 1 nothing is
-communicated.
+Reduction: every sum-stat of every due probe and of the trainer's own metrics (a ``StatSet``
+passed to ``reduce``), plus one failure flag for EVERY probe (due or not), is packed into one
+flat float64 buffer and all-reduced ONCE per step; max- and min-stats take one more collective
+each, cat-stats one all_gather_object. At world_size 1 nothing is communicated.
 
 Failures on one rank only must not make the ranks disagree on what they send, or a collective
 hangs or mixes up buffers. So the layout depends only on state every rank shares (the step and
@@ -30,6 +30,7 @@ import traceback
 import torch
 
 from probes.base import Probe, SetupContext, StepContext
+from probes.stats import StatSet
 from rl_training.errors import ConfigError, import_dotted
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,11 @@ class ProbeManager:
         self._time = {p.name: 0.0 for p in self._due}
         for p in self._due:
             p.reset_stats()
+            p.step = step
+
+    def set_output_dir(self, path) -> None:
+        for p in self.probes:
+            p.output_dir = path
 
     def param_snapshot(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         """A copy of ``params`` if a live due probe needs one (else None). Its time is shared
@@ -139,34 +145,39 @@ class ProbeManager:
         self._call("on_after_optimizer_step", ctx)
 
     # -- reduction ---------------------------------------------------------------------
-    def reduce(self, world) -> dict[str, float]:
-        """All-reduce the due probes' stats and every probe's failure flag, compute, and
-        return probe/<name>/<key> values. Every rank calls it every step."""
-        if not self.probes:
-            return {}
+    def reduce(self, world, shared: StatSet | None = None) -> dict[str, float]:
+        """All-reduce the due probes' stats, every probe's failure flag and ``shared`` (the
+        trainer's own metrics, reduced in place), compute, and return probe/<name>/<key>
+        values. Every rank calls it every step."""
+        shared = shared if shared is not None else StatSet()
         due = self._due
         # Pack everything before the first collective: a packing failure must reach the flags.
-        packed = {kind: [self._pack_slot(p, kind) for p in due] for kind in ("sum", "max", "min")}
-        cats = {p.name: self._pack_cats(p) for p in due if _names(p, "cat")}
+        packed = {kind: [shared.pack(kind)] + [self._pack_slot(p, kind) for p in due] for kind in ("sum", "max", "min")}
+        cats = {p.name: self._pack_cats(p) for p in due if p.statset.names("cat")}
         flags = torch.tensor([float(p.name in self._failed | self._compute_failed) for p in self.probes],
                              dtype=torch.float64)
-        sums = world.all_reduce_sum(torch.cat([*packed["sum"], flags]))  # the one collective of every sum-stat
-        failed_anywhere = {p.name for p, f in zip(self.probes, sums[len(sums) - len(flags):].tolist()) if f > 0}
+        reduced: dict[str, torch.Tensor] = {}
+        if any(slot.numel() for slot in packed["sum"]) or len(flags):
+            sums = world.all_reduce_sum(torch.cat([*packed["sum"], flags]))  # the one collective of every sum-stat
+            flags = sums[len(sums) - len(flags):]
+            reduced["sum"] = sums[: len(sums) - len(flags)]
+        failed_anywhere = {p.name for p, f in zip(self.probes, flags.tolist()) if f > 0}
         self.disabled |= failed_anywhere
         self._compute_failed = set()
-        reduced = {"sum": sums[: len(sums) - len(flags)]}
         for kind, op in (("max", world.all_reduce_max), ("min", world.all_reduce_min)):
             if any(slot.numel() for slot in packed[kind]):
                 reduced[kind] = op(torch.cat(packed[kind]))
         gathered = world.all_gather_object(cats) if cats else []
+        for kind, flat in reduced.items():
+            shared.unpack(kind, flat[: packed[kind][0].numel()])
         out: dict[str, float] = {}
-        for i, p in enumerate(due):
+        for i, p in enumerate(due, start=1):
             if p.name in failed_anywhere:
                 continue
             for kind, flat in reduced.items():
                 start = sum(slot.numel() for slot in packed[kind][:i])
-                _unpack(p, kind, flat[start : start + packed[kind][i].numel()])
-            for n in _names(p, "cat"):
+                p.statset.unpack(kind, flat[start : start + packed[kind][i].numel()])
+            for n in p.statset.names("cat"):
                 p.stats[n] = [t for part in gathered for t in part[p.name][n]]
             try:
                 p.on_reduced()
@@ -185,28 +196,20 @@ class ProbeManager:
     def _pack_slot(self, p: Probe, kind: str) -> torch.Tensor:
         """p's stats of one reduction as a float64 vector of the size its declaration fixes;
         zeros (and p marked failed) if it failed earlier or its stats do not fit."""
-        names = _names(p, kind)
-        size = sum(_size(p._declared[n].default) for n in names)
         if p.name not in self._failed:
             try:
-                parts = []
-                for n in names:
-                    flat = torch.as_tensor(p.stats[n], dtype=torch.float64).detach().cpu().reshape(-1)
-                    if flat.numel() != _size(p._declared[n].default):
-                        raise ValueError(f"stat {n!r} has {flat.numel()} values, declared {_size(p._declared[n].default)}")
-                    parts.append(flat)
-                return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+                return p.statset.pack(kind)
             except Exception:
                 self._fail(p, f"packing its {kind}-stats")
-        return torch.zeros(size, dtype=torch.float64)
+        return p.statset.zeros(kind)
 
     def _pack_cats(self, p: Probe) -> dict[str, list[torch.Tensor]]:
         if p.name not in self._failed:
             try:
-                return {n: [torch.as_tensor(t).detach().cpu() for t in p.stats[n]] for n in _names(p, "cat")}
+                return p.statset.pack_cats()
             except Exception:
                 self._fail(p, "packing its cat-stats")
-        return {n: [] for n in _names(p, "cat")}
+        return {n: [] for n in p.statset.names("cat")}
 
     # -- checkpoint --------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -219,20 +222,3 @@ class ProbeManager:
             if p.name in sd.get("probes", {}):
                 p.load_state_dict(sd["probes"][p.name])
 
-
-def _names(p: Probe, kind: str) -> list[str]:
-    return [n for n, s in p._declared.items() if s.reduce == kind]
-
-
-def _size(default) -> int:
-    return default.numel() if isinstance(default, torch.Tensor) else 1
-
-
-def _unpack(p: Probe, kind: str, slot: torch.Tensor) -> None:
-    """Write p's reduced values back: floats stay floats, tensors take their declared shape (float64)."""
-    offset = 0
-    for n in _names(p, kind):
-        default = p._declared[n].default
-        chunk = slot[offset : offset + _size(default)]
-        p.stats[n] = chunk.reshape(default.shape).clone() if isinstance(default, torch.Tensor) else float(chunk.item())
-        offset += _size(default)

@@ -120,8 +120,8 @@ class EntropyExperiment:
 
     # ------------------------------------------------------------------------ E side
     def ebatch(self, b_e: int, key: int):
-        self.probe.check_batch(b_e)
-        return self.probe.sample_ebatch(self.model, step=20_000_000 + key, batch_size=b_e)
+        spec = self.probe.ebatch_spec(b_e)
+        return self.probe.ebatches.sample(self.model, step=20_000_000 + key, spec=spec)
 
     def delta_h(self, delta: dict, ebatch, scale: float = 1.0) -> dict[str, float]:
         """δH₁ = ⟨∇H, scale·Δθ⟩ and ΔH_true at θ + scale·Δθ (per sequence), with SEs."""

@@ -7,24 +7,38 @@ same dtype, same position ids as generation (left padding).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
-def trim(prompt_ids, prompt_mask, completion_ids, completion_mask):
+class TokenBatch(NamedTuple):
+    """Prompts left-padded, completions right-padded; masks are 1 on real tokens."""
+
+    prompt_ids: torch.Tensor  # [B, P]
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor  # [B, L]
+    completion_mask: torch.Tensor
+
+    def rows(self, idx) -> TokenBatch:
+        return TokenBatch(*(t[idx] for t in self))
+
+
+def trim(prompt_ids, prompt_mask, completion_ids, completion_mask) -> TokenBatch:
     """Drop columns that are padding in every row (left of prompts, right of completions)."""
     keep_p = prompt_mask.any(dim=0).nonzero()
     start = int(keep_p[0]) if keep_p.numel() else prompt_mask.shape[1]
     keep_c = completion_mask.any(dim=0).nonzero()
     stop = int(keep_c[-1]) + 1 if keep_c.numel() else 1
-    return prompt_ids[:, start:], prompt_mask[:, start:], completion_ids[:, :stop], completion_mask[:, :stop]
+    return TokenBatch(prompt_ids[:, start:], prompt_mask[:, start:], completion_ids[:, :stop], completion_mask[:, :stop])
 
 
-def microbatches(tensors, size: int):
-    """(rows, trimmed (prompt_ids, prompt_mask, completion_ids, completion_mask)) per chunk of ``size`` rows."""
-    n = tensors[0].shape[0]
+def microbatches(tokens: TokenBatch, size: int):
+    """(rows, trimmed TokenBatch) per chunk of ``size`` rows."""
+    n = tokens.prompt_ids.shape[0]
     for s in range(0, n, size):
         rows = slice(s, s + size)
-        yield rows, trim(*(t[rows] for t in tensors))
+        yield rows, trim(*tokens.rows(rows))
 
 
 def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float, forward=None):
@@ -62,13 +76,13 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score(model, batch_tensors, temperature: float, microbatch_size: int, with_entropy: bool = False):
+def score(model, tokens: TokenBatch, temperature: float, microbatch_size: int, with_entropy: bool = False):
     """No-grad log-probs (and entropies) [N, L] of whole rollouts, in microbatches."""
-    completion_mask = batch_tensors[3]
+    completion_mask = tokens.completion_mask
     n, width = completion_mask.shape
     logp = torch.zeros(n, width)
     ent = torch.zeros(n, width) if with_entropy else None
-    for sl, (p, pm, c, cm) in microbatches(batch_tensors, microbatch_size):
+    for sl, (p, pm, c, cm) in microbatches(tokens, microbatch_size):
         logits = completion_logits(model, p, pm, c, cm, temperature)
         w = c.shape[1]
         logp[sl, :w] = token_logprobs(logits, c).float().cpu()

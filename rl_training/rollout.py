@@ -63,12 +63,12 @@ class RolloutBatch:
         return self.rewards.numel()
 
     @property
-    def tensors(self):
-        return self.prompt_ids, self.prompt_mask, self.completion_ids, self.completion_mask
+    def tensors(self) -> policy.TokenBatch:
+        return policy.TokenBatch(self.prompt_ids, self.prompt_mask, self.completion_ids, self.completion_mask)
 
     def select(self, idx: slice) -> RolloutBatch:
         """Rows ``idx`` (a microbatch), trimmed of all-padding columns."""
-        p, pm, c, cm = policy.trim(*(t[idx] for t in self.tensors))
+        p, pm, c, cm = policy.trim(*self.tensors.rows(idx))
         width = c.shape[1]
         cut = lambda t: None if t is None else t[idx, :width]  # noqa: E731
         return RolloutBatch(

@@ -204,6 +204,7 @@ def fit(session: Session, last_step: int | None = None) -> dict:
     assert run_dir is not None
     last = cfg.train.total_steps if last_step is None else last_step
     ckpt_root = run_dir / "checkpoints"
+    trainer.probes.set_output_dir(run_dir)
     logger = build_logger(run_dir, world.is_main, purge_step=trainer.step + 1)
     writer = RolloutWriter(run_dir, world.rank, cfg.logging.rollout_fraction, cfg.logging.rollout_gzip, cfg.seed)
     stop = GracefulStop()

@@ -14,7 +14,7 @@
       probes.on_after_optimizer_step(ctx)         # Δθ = θ_now − θ_k (exact, any optimizer)
       optimizer.zero_grad()                       # only after the probes ran
     lr_scheduler.step()                           # counts trainer steps, not PPO epochs
-    stats = probes.reduce()                       # ONE all_reduce for all sum-stats of all probes
+    stats = probes.reduce(train_stats)            # ONE all_reduce for all sum-stats: probes' and the trainer's
     logger.log_dict(stats | train_stats, step)    # rank 0: TensorBoard + logs/train_log.jsonl
 
 Randomness is keyed by (seed, step, ...) rather than drawn from a running stream, so a step
@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from probes.base import SetupContext, StepContext
 from probes.manager import ProbeManager
+from probes.stats import StatSet
 from rl_training import checkpoint, policy, rollout
 from rl_training.algs.dr_grpo import dr_grpo_loss
 from rl_training.config import RunConfig, grad_accum, to_dict
@@ -68,8 +69,9 @@ def clip_and_norm(params: list[torch.Tensor], max_norm: float) -> float:
     return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in grads])))
 
 
-# Per-step sums reduced across ranks in one collective; (name, reduce).
-_TRAIN_STATS = (
+# The trainer's own per-step statistics, (name, reduce): reduced across ranks together with the
+# probes' stats, in one collective per reduction.
+TRAIN_STATS = (
     ("loss", "sum"), ("tokens", "sum"), ("entropy_sum", "sum"), ("surprisal_sum", "sum"),
     ("clipped", "sum"), ("ppo_tokens", "sum"), ("kl_sum", "sum"),
     ("sequences", "sum"), ("reward_sum", "sum"), ("pass_sum", "sum"), ("format_sum", "sum"),
@@ -116,7 +118,9 @@ class Trainer:
         self.policy.train()
         torch.manual_seed(stable_seed(cfg.seed, "train", step, world.rank))  # LoRA dropout
 
-        sums = dict.fromkeys((name for name, _ in _TRAIN_STATS), 0.0)
+        train_stats = StatSet(TRAIN_STATS)
+        train_stats.reset()
+        sums = train_stats.values
         lr = self.lr_scheduler.get_last_lr()[0]  # the lr of every PPO epoch of this step
         ctx = StepContext(step, self.policy, self.optimizer, lr, batch, world, cfg)
         micro = cfg.train.microbatch_size
@@ -144,8 +148,9 @@ class Trainer:
 
         self.step = step
         self._add_rollout_stats(sums, batch.stats)
-        metrics = self._reduce_metrics(sums)
-        metrics.update(self.probes.reduce(world))
+        probe_metrics = self.probes.reduce(world, shared=train_stats)  # reduces sums in place too
+        metrics = self._metrics(sums)
+        metrics.update(probe_metrics)
         # The scheduler's state is the same on every rank (it sees the gathered pass rates).
         metrics.update({f"scheduler/{b}": float(n) for b, n in self.scheduler.bucket_counts().items()})
         metrics.update({"train/grad_norm": grad_norm, "train/lr": lr, "time/step_s": time.perf_counter() - t_step})
@@ -226,11 +231,8 @@ class Trainer:
             sums[name] += float(getattr(st, name))
         sums["rollout_seconds"] = st.seconds
 
-    def _reduce_metrics(self, sums: dict[str, float]) -> dict[str, float]:
-        names = [n for n, _ in _TRAIN_STATS]
-        local = torch.tensor([sums[n] for n in names], dtype=torch.float64)
-        stacked = self.world.all_gather(local)  # one collective: gather all, reduce each column its own way
-        s = {n: float(stacked[:, j].max() if red == "max" else stacked[:, j].sum()) for j, (n, red) in enumerate(_TRAIN_STATS)}
+    def _metrics(self, s: dict[str, float]) -> dict[str, float]:
+        """Logged values from the reduced TRAIN_STATS."""
         div = lambda a, b: a / b if b else float("nan")  # noqa: E731
         return {
             "train/loss": s["loss"],

@@ -179,6 +179,23 @@ def values(h, ps, cont, mask, b, ratio=None) -> torch.Tensor:
     return V
 
 
+def stop_split(y: torch.Tensor, mask: torch.Tensor, always: torch.Tensor, extra: torch.Tensor,
+               extra_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(cont, in_always, in_extra) [B, L]: cont = 1 where y_t is a real token that does not stop."""
+    in_always = torch.isin(y, always.to(y.device))
+    in_extra = ((extra.to(y.device) == y.unsqueeze(-1)) & extra_mask.to(y.device)).any(-1)
+    return mask * (~(in_always | in_extra)).to(mask.dtype), in_always, in_extra
+
+
+def rb_surrogate(terms: dict[str, torch.Tensor], cont: torch.Tensor, mask: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """f_i [N], differentiable: the function whose derivative along Δθ is row i's ``rb``
+    contribution, f = Σ_t m_t [h_t + c_t (V̂_{t+1} − b_t) ℓ_t − b_t P_S,t], with the baseline b
+    (``value_baseline`` of the rows it is an estimate over) and V̂ held at their current values."""
+    h, ps = terms["h"].detach() * mask, terms["ps"].detach() * mask
+    V = values(h, ps, cont, mask, b)
+    return (mask * (terms["h"] + cont * (V[:, 1:] - b) * terms["lp"] - b * terms["ps"])).sum(-1)
+
+
 def contributions(tab: TokenTable) -> dict[str, torch.Tensor]:
     """Per-sequence contributions [N] (their means are the estimates) and per-sequence sums."""
     m = tab.mask

@@ -26,6 +26,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from probes.evaluation import PolicyEvaluator
 from probes.functional import delta_h as F
+from rl_training.policy import TokenBatch
 
 V, L, T = 5, 4, 0.8
 STOPS = (3, 4)
@@ -76,7 +77,7 @@ def _completions(prompt: list[int]):
     for i, s in enumerate(seqs):
         ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
     p = torch.tensor([prompt] * len(seqs))
-    return p, torch.ones_like(p), ids, mask
+    return TokenBatch(p, torch.ones_like(p), ids, mask)
 
 
 def _trainable(model):

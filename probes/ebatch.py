@@ -1,0 +1,107 @@
+"""E-batches: unfiltered samples from π_θk of a probe's prompt pool, shared by the probes of a step.
+
+An E-batch is n pool prompts drawn without replacement and k completions each, keyed by
+(seed, step) only: independent of the training batch and of the number of ranks, each rank
+holding whole prompts. Generation is the expensive part of a probe, so the probes of a step
+that ask for the same ``EBatchSpec`` get the same E-batch, generated once
+(``EBatchSource.get``); ``sample`` generates a fresh one (offline experiments).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from rl_training.data.prompts import STOP_STRINGS
+from rl_training.errors import ConfigError
+from rl_training.policy import TokenBatch
+from rl_training.sampling import Completions, sample, stable_seed
+
+POOLS = ("eval", "train")
+
+
+@dataclass(frozen=True)
+class EBatchSpec:
+    pool: str = "eval"  # eval: held-out prompts; train: the training prompts
+    batch_size: int = 16  # B_E, sequences over all ranks
+    per_prompt: int = 2  # k, completions per prompt
+
+
+@dataclass
+class EBatch:
+    completions: Completions | None  # this rank's rows (None: this rank holds no prompt)
+    prompt: torch.Tensor  # [B] int64, pool index of each row
+
+    @property
+    def tensors(self) -> TokenBatch:
+        c = self.completions
+        return TokenBatch(c.prompt_ids, c.prompt_mask, c.completion_ids, c.completion_mask)
+
+    def __len__(self) -> int:
+        return len(self.prompt)
+
+
+def ebatch_plan(pool_size: int, batch_size: int, per_prompt: int, seed: int, step: int) -> list[tuple[int, int]]:
+    """(pool index, completion index) of the global E-batch: n = min(N, B_E // k) prompts drawn
+    without replacement, B_E completions spread over them as evenly as possible."""
+    n = min(pool_size, max(1, batch_size // per_prompt))
+    prompts = random.Random(stable_seed(seed, "ebatch-prompts", step)).sample(range(pool_size), n)
+    counts = [batch_size // n + (1 if p < batch_size % n else 0) for p in range(n)]
+    return [(prompts[p], j) for p in range(n) for j in range(counts[p])]
+
+
+class EBatchSource:
+    """Samples E-batches for the probes of a run; ``generations`` counts calls that generated."""
+
+    def __init__(self, cfg, world, tokenizer, prompt_fn, pools: dict[str, list]):
+        self.cfg, self.world, self.tokenizer, self.prompt_fn = cfg, world, tokenizer, prompt_fn
+        self.pools = pools
+        self.generations = 0
+        self._step: int | None = None
+        self._cache: dict[EBatchSpec, EBatch] = {}
+
+    def pool(self, spec: EBatchSpec) -> list:
+        return self.pools[spec.pool]
+
+    def check(self, spec: EBatchSpec, who: str) -> None:
+        """A spec that gives a standard error: ≥ 2 prompts, or the whole pool with ≥ 2 completions."""
+        if spec.pool not in POOLS:
+            raise ConfigError(f"{who}: pool must be {'|'.join(POOLS)}, got {spec.pool!r}")
+        N = len(self.pool(spec))
+        if not N:
+            raise ConfigError(f"{who}: the {spec.pool} prompt pool is empty (data.eval_fraction = 0?)")
+        if spec.batch_size < 2 or spec.per_prompt < 1:
+            raise ConfigError(f"{who}: batch_size (B_E) must be >= 2 and completions_per_prompt >= 1, "
+                              f"got {spec.batch_size} and {spec.per_prompt}")
+        n = min(N, max(1, spec.batch_size // spec.per_prompt))
+        if n < 2 and n != N:
+            raise ConfigError(f"{who}: batch_size {spec.batch_size} with completions_per_prompt {spec.per_prompt} "
+                              f"draws 1 of {N} prompts: no standard error; raise batch_size or lower completions_per_prompt")
+
+    def get(self, model, step: int, spec: EBatchSpec) -> EBatch:
+        """The step's E-batch for ``spec``, generated at the first request of the step (call it
+        before the optimizer step: the E-batch samples π_θk)."""
+        if step != self._step:
+            self._step, self._cache = step, {}
+        if spec not in self._cache:
+            self._cache[spec] = self.sample(model, step, spec)
+        return self._cache[spec]
+
+    def sample(self, model, step: int, spec: EBatchSpec) -> EBatch:
+        """This rank's share (whole prompts) of a global E-batch that depends only on (seed, step)."""
+        seed, pool = self.cfg.seed, self.pool(spec)
+        plan = ebatch_plan(len(pool), spec.batch_size, spec.per_prompt, seed, step)
+        order = list(dict.fromkeys(p for p, _ in plan))  # prompts in draw order
+        mine = {p for i, p in enumerate(order) if i % self.world.world_size == self.world.rank}
+        rows = [(p, j) for p, j in plan if p in mine]
+        self.generations += 1
+        comps = sample(
+            model, self.tokenizer,
+            [self.prompt_fn(pool[p].question) for p, _ in rows],
+            [stable_seed(seed, "ebatch", step, p, j) for p, j in rows],
+            max_new_tokens=self.cfg.rollout.max_new_tokens, temperature=self.cfg.rollout.temperature,
+            stop_strings=STOP_STRINGS, max_prompt_tokens=self.cfg.data.max_prompt_tokens,
+        ) if rows else None
+        return EBatch(comps, torch.tensor([p for p, _ in rows], dtype=torch.long))

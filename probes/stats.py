@@ -1,0 +1,81 @@
+"""Statistics declared with their reduction, packed into fixed-size slots for the collectives.
+
+A ``StatSet`` is what a probe (and the trainer's own metrics) accumulates into during a step.
+Its declaration fixes the size of every slot, so what a rank sends depends only on the
+declaration, never on what happened on that rank: the packing of every participant is
+concatenated into one buffer per reduction (probes/manager.py) and reduced at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+REDUCTIONS = ("sum", "max", "min", "cat")
+
+
+@dataclass(frozen=True)
+class Stat:
+    default: float | torch.Tensor
+    reduce: str
+
+    @property
+    def size(self) -> int:
+        return self.default.numel() if isinstance(self.default, torch.Tensor) else 1
+
+
+class StatSet:
+    """``values[name]``: a float, a fixed-shape tensor (sum/max/min elementwise), or for ``cat``
+    a list of tensors (concatenated over ranks in rank order)."""
+
+    def __init__(self, declared: tuple[tuple[str, str], ...] = ()):
+        self.declared: dict[str, Stat] = {}
+        self.values: dict[str, Any] = {}
+        for name, reduce in declared:
+            self.add(name, 0.0, reduce)
+
+    def add(self, name: str, default: float | torch.Tensor = 0.0, reduce: str = "sum") -> None:
+        assert reduce in REDUCTIONS, f"reduce must be one of {REDUCTIONS}"
+        assert name not in self.declared, f"stat {name} declared twice"
+        self.declared[name] = Stat(default, reduce)
+
+    def reset(self) -> None:
+        """Fresh values from the defaults (in place: holders of ``values`` see the reset)."""
+        self.values.clear()
+        for n, s in self.declared.items():
+            self.values[n] = [] if s.reduce == "cat" else (
+                s.default.clone() if isinstance(s.default, torch.Tensor) else s.default)
+
+    def names(self, reduce: str) -> list[str]:
+        return [n for n, s in self.declared.items() if s.reduce == reduce]
+
+    def size(self, reduce: str) -> int:
+        return sum(self.declared[n].size for n in self.names(reduce))
+
+    def pack(self, reduce: str) -> torch.Tensor:
+        """The values of one reduction as a float64 CPU vector of the declared size; raises if a
+        value does not fit its declaration."""
+        parts = []
+        for n in self.names(reduce):
+            flat = torch.as_tensor(self.values[n], dtype=torch.float64).detach().cpu().reshape(-1)
+            if flat.numel() != self.declared[n].size:
+                raise ValueError(f"stat {n!r} has {flat.numel()} values, declared {self.declared[n].size}")
+            parts.append(flat)
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+    def unpack(self, reduce: str, flat: torch.Tensor) -> None:
+        """Write reduced values back: floats stay floats, tensors take their declared shape (float64)."""
+        offset = 0
+        for n in self.names(reduce):
+            default = self.declared[n].default
+            chunk = flat[offset : offset + self.declared[n].size]
+            self.values[n] = chunk.reshape(default.shape).clone() if isinstance(default, torch.Tensor) else float(chunk.item())
+            offset += self.declared[n].size
+
+    def pack_cats(self) -> dict[str, list[torch.Tensor]]:
+        return {n: [torch.as_tensor(t).detach().cpu() for t in self.values[n]] for n in self.names("cat")}
+
+    def zeros(self, reduce: str) -> torch.Tensor:
+        return torch.zeros(self.size(reduce), dtype=torch.float64)

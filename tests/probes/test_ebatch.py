@@ -1,0 +1,60 @@
+"""E-batches: the plan, the checks, and one generation per step for every probe that shares a spec."""
+
+import pytest
+
+from probes.ebatch import EBatchSpec, ebatch_plan
+from rl_training.errors import ConfigError
+
+
+def _session(*overrides):
+    from rl_training.config import load_config
+    from rl_training.dist import DistInfo
+    from rl_training.session import build_session
+    from tests.helpers.runs import TINY
+
+    return build_session(load_config(TINY, list(overrides)), DistInfo())
+
+
+def test_plan_draws_prompts_without_replacement_and_spreads_completions():
+    plan = ebatch_plan(pool_size=10, batch_size=7, per_prompt=2, seed=0, step=3)
+    prompts = [p for p, _ in plan]
+    assert len(plan) == 7 and len(set(prompts)) == 3
+    assert sorted(prompts.count(p) for p in set(prompts)) == [2, 2, 3]
+    assert plan == ebatch_plan(10, 7, 2, 0, 3) and plan != ebatch_plan(10, 7, 2, 0, 4)
+    assert {p for p, _ in ebatch_plan(4, 16, 2, 0, 1)} == {0, 1, 2, 3}  # the whole pool, 4 each
+
+
+def test_one_generation_per_step_for_probes_that_share_a_spec(monkeypatch):
+    s = _session("probes.probes=[{name: a, kind: delta_h, options: {batch_size: 8}},"
+                 " {name: b, kind: delta_h, options: {batch_size: 8}}]")
+    source = s.trainer.probes.probes[0].ebatches
+    assert s.trainer.probes.probes[1].ebatches is source
+    out = s.trainer.train_step()
+    assert source.generations == 1
+    for key in ("pred", "pred_se", "true", "H", "n"):
+        assert out.metrics[f"probe/a/{key}"] == out.metrics[f"probe/b/{key}"], key
+    s.trainer.train_step()
+    assert source.generations == 2  # a new step, a new E-batch
+
+
+def test_a_different_spec_generates_its_own():
+    s = _session("probes.probes=[{name: a, kind: delta_h, options: {batch_size: 8}},"
+                 " {name: b, kind: delta_h, options: {batch_size: 4}}]")
+    s.trainer.train_step()
+    assert s.trainer.probes.probes[0].ebatches.generations == 2
+
+
+@pytest.mark.parametrize("spec, match", [
+    (EBatchSpec("heldout", 8, 2), "pool must be eval|train"),
+    (EBatchSpec("eval", 1, 1), "batch_size .* must be >= 2"),
+    (EBatchSpec("eval", 3, 2), "draws 1 of"),
+])
+def test_specs_without_a_standard_error_are_refused(spec, match):
+    from probes.base import SetupContext
+
+    s = _session("probes.probes=[]")
+    source = SetupContext(s.cfg, s.world, s.trainer.policy, s.trainer.tokenizer, {}, eval_records=s.eval_records,
+                          train_records=s.train_records, prompt_fn=s.trainer.prompt_fn).ebatches
+    source.check(EBatchSpec("eval", 8, 2), "probe 'x'")
+    with pytest.raises(ConfigError, match=match):
+        source.check(spec, "probe 'x'")
