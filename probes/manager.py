@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 # kind -> Probe subclass; probe modules register themselves here when imported.
 PROBE_KINDS: dict[str, type[Probe]] = {}
-BUILTIN_PROBE_MODULES = ("probes.ess", "probes.delta_h", "probes.gns")
+BUILTIN_PROBE_MODULES = ("probes.ess", "probes.delta_h", "probes.gns", "probes.fisher")
 
 
 def registered_kinds() -> dict[str, type[Probe]]:

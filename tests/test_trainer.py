@@ -122,3 +122,25 @@ def test_param_snapshot_is_taken_once_per_step_before_the_first_epoch():
     assert all(torch.equal(snap0[n], theta_k[n]) for n in theta_k)
     assert any(not torch.equal(p, theta_k[n]) for n, p in tr.trainable.items())
     assert out.metrics["probe/snap/time_s"] > 0
+
+
+def test_a_step_reduces_trainer_and_probe_stats_in_one_sum_collective():
+    s = _session()  # the tiny config's probes: delta_h (cat-stats), ess, gns (max-stats), fisher (a min-stat)
+    tr = s.trainer
+    calls = []
+
+    class Spy:  # DistInfo is frozen: wrap it
+        def __getattr__(self, name, world=tr.world):
+            attr = getattr(world, name)
+            if name.startswith("all_"):
+                return lambda *a: (calls.append(name), attr(*a))[1]
+            return attr
+
+    tr.world = Spy()
+    out = tr.train_step()
+    # rollout: one all_gather_object of pass rates per round; reduce: sum, max, min, the cat-gather.
+    rounds = int(out.metrics["rollout/rounds"])
+    want = ["all_reduce_sum", "all_reduce_max", "all_reduce_min"] + ["all_gather_object"] * (rounds + 1)
+    assert sorted(calls) == sorted(want), calls
+    assert out.metrics["rollout/completion_len_max"] > 0 and math.isfinite(out.metrics["train/loss"])
+    assert out.metrics["probe/gns/P"] > 0 and "probe/delta_h/pred" in out.metrics

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -31,7 +32,8 @@ def test_two_ranks_equal_one_process(tmp_path):
     # Cross-rank reduced metrics equal the one-process metrics.
     for ra, rb in zip(train_log(two), train_log(one), strict=True):
         keys = ["train/loss", "train/entropy", "rollout/reward_mean", "rollout/completion_len_mean", "train/grad_norm"]
-        probe_keys = [k for k in rb if k.startswith("probe/") and "/time" not in k]
+        # fisher's cross-rank entries are sketched at two ranks: its own test below.
+        probe_keys = [k for k in rb if k.startswith("probe/") and "/time" not in k and not k.startswith("probe/fisher/")]
         assert probe_keys, "cfg/tiny_test.yaml enables every probe kind"
         for key in keys:
             assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-7), key
@@ -59,7 +61,7 @@ def test_delta_h_two_ranks_equal_one_process_on_the_same_ebatch(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the torchrun workers (OMP_NUM_THREADS=1): same float32 kernels
     try:
-        ebatch = probe.sample_ebatch(trainer.policy, step=1)  # at θ_0, before the update
+        ebatch = probe.ebatches.sample(trainer.policy, step=1, spec=probe.spec)  # at θ_0, before the update
         trainer.load_checkpoint(run / "checkpoints" / "step_1")
         theta_1 = {n: p.detach().clone() for n, p in trainer.trainable.items()}
         probe.reset_stats()
@@ -120,3 +122,36 @@ def test_probe_failing_in_compute_on_one_rank_is_disabled_on_both(tmp_path):
         assert not any(k.startswith("probe/flaky/") for k in r), r["step"]
     ran = sorted(tuple(map(int, line.split())) for line in trace.read_text().splitlines())
     assert ran == [(0, 1), (0, 2), (1, 1)]  # rank 1 stopped after its failure, rank 0 after the reduce
+
+
+def _rows_by_key(keys) -> dict:
+    """(key, occurrence) -> row: the same sequence in a 2-rank and a 1-process run."""
+    seen, out = {}, {}
+    for i, k in enumerate(keys):
+        seen[k] = seen.get(k, -1) + 1
+        out[(k, seen[k])] = i
+    return out
+
+
+def test_fisher_exact_blocks_equal_one_process_and_sketched_ones_hold_their_variance(tmp_path):
+    """Same-rank entries are exact (≤ 1e-6 of the kernel's scale); cross-rank entries are
+    sketch inner products whose error is within 4 SD of (K_ii K_jj + K_ij²)/k."""
+    fisher = ("probes.probes=[{name: fisher, kind: fisher, options: {batch_size: 8, preconditioner: none,"
+              " sketch_dim: 256}}]", "train.total_steps=1")
+    two = run_torchrun(tmp_path / "two", 2, *COMMON, "rollout.prompts_per_round=2", *fisher)
+    one = run_in_process(tmp_path / "one", *COMMON, "rollout.prompts_per_round=4", *fisher)
+    z2, z1 = np.load(two / "fisher" / "step_1.npz"), np.load(one / "fisher" / "step_1.npz")
+    for block, keys in (("uu", "u_ids"), ("ee", None)):
+        k2 = z2[keys].tolist() if keys else z2["meta_e"][:, 2].tolist()
+        k1 = z1[keys].tolist() if keys else z1["meta_e"][:, 2].tolist()
+        m1 = _rows_by_key(k1)
+        perm = [m1[key] for key in _rows_by_key(k2)]  # 2-rank row -> 1-process row
+        K1 = z1[f"K_{block}"][np.ix_(perm, perm)]
+        K2, exact = z2[f"K_{block}"], z2[f"exact_{block}"]
+        assert z1[f"exact_{block}"].all() and exact.any() and not exact.all()
+        scale = np.abs(K1).max()
+        assert np.abs(K2 - K1)[exact].max() <= 1e-6 * scale, block
+        sd = np.sqrt((np.outer(np.diag(K1), np.diag(K1)) + K1 ** 2) / 256)
+        z = ((K2 - K1) / sd)[~exact]
+        assert np.abs(z).max() < 4, (block, np.abs(z).max())
+        assert np.abs(z).mean() > 0.1, "cross-rank entries are sketched, not exact"

@@ -1,0 +1,322 @@
+"""Fisher-kernel probe (kind ``fisher``): K(t,t') = ⟨∇S(t), ∇S(t')⟩ between the step's evaluation
+and training sequences, and which training sequences move the entropy.
+
+S is a sequence's log-probability under π_T, the gradient over the trainable LoRA parameters
+at θ_k. At a due step, before the update, one probe-owned forward+backward of Σ_i S_i per
+microbatch (eval mode; ``autograd.grad``, so ``.grad`` and DDP are untouched) hands every
+sequence's gradient to the capture engine (``probes/capture.py``): the E-batch (shared with the
+δH probe when the spec is the same: one generation) and U, this rank's training batch. After the
+update the blocks are formed parameter by parameter (``probes/functional/fisher.py``), with the
+Adam preconditioner D = 1/(√v̂+ε) of this step's update applied once if asked.
+
+Exact within a rank; across ranks each rank sends a seeded Gaussian sketch (k columns) of its
+rows, and cross-rank entries are sketch inner products (variance (|a|²|b|² + ⟨a,b⟩²)/k). At one
+rank everything is exact and nothing is sketched.
+
+Which training sequences move the entropy (DESIGN.md): with f_t the Rao–Blackwellised surrogate
+of E-sequence t (``rb_surrogate``: its derivative along Δθ is the δH probe's per-sequence δH₁)
+and F = Σ_t w_t ∇f_t (w_t: the pool-mean weights of the δH estimate), the loss gradient at PPO
+ratio 1 is Σ_j −A_j ∇S_j/(N·L), so for an SGD step of size η, δH₁ = Σ_j c_j with
+c_j = η·A_j/(N·L)·⟨F, D∇S_j⟩. `pred` = ⟨F, Δθ⟩ with the real Δθ; `contrib_ratio` =
+Σ_j c_j / pred is 1 for SGD (and for Adam's first step without weight decay), and otherwise
+says how much momentum, the KL term, clipping and weight decay change the picture.
+
+Memory: the rank's per-sequence gradients, (B_E/W + buffer/W + 1) × trainable parameters in
+float32, are held between the backward and the update.
+
+Options: ``batch_size`` (B_E, default 8), ``completions_per_prompt`` (default 2), ``pool``
+(eval | train), ``microbatch_size`` (default train.microbatch_size), ``preconditioner``
+(none | adam, default adam), ``sketch_dim`` (k, default 512), ``top_eigenvalues`` (default 4),
+``save`` (write run_dir/fisher/step_N.npz and step_N_top.json on rank 0, default true).
+
+| key | meaning |
+|---|---|
+| `n_E`, `n_U` | sequences in the E-batch and in the training batch (all ranks) |
+| `exact_frac` | fraction of kernel entries computed exactly (1 at one rank; the rest are sketched) |
+| `preconditioned` | 1 when D was applied (adam and the optimizer has state), else 0 |
+| `uu_diag_mean`, `uu_offdiag_mean`, `uu_offdiag_abs_mean` | U×U: mean ⟨∇S_j, ∇S_j⟩, mean off-diagonal, and its mean \\|·\\| |
+| `uu_same_prompt_mean`, `uu_diff_prompt_mean` | U×U off-diagonal means within a prompt group / across groups |
+| `uu_eig_<i>`, `uu_effective_rank`, `uu_participation_ratio` | top eigenvalues of U×U, exp(spectral entropy), (Σλ)²/Σλ² |
+| `ee_*` | the same summaries of E×E (prompt = pool index) |
+| `eu_mean`, `eu_abs_mean` | the E×U cross kernel's mean and mean \\|·\\| |
+| `pred` | ⟨F, Δθ⟩: δH₁ of the real update on the E-batch (per sequence) |
+| `contrib_sum`, `contrib_up`, `contrib_down` | Σ_j c_j, and the sums of its positive and negative terms |
+| `contrib_ratio` | contrib_sum / pred |
+| `time_grad_s`, `time_kernel_s` | the probe's backward passes; blocks and sketches (slowest rank) |
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+
+import numpy as np
+import torch
+
+from probes.base import Probe, SetupContext, StepContext
+from probes.capture import LinearCapture
+from probes.ebatch import EBatchSpec
+from probes.evaluation import eval_mode
+from probes.functional import delta_h as DH
+from probes.functional import fisher as F
+from probes.manager import register
+from rl_training import policy
+from rl_training.data.prompts import STOP_STRINGS
+from rl_training.errors import ConfigError
+from rl_training.sampling import eos_token_ids, stable_seed
+from rl_training.stops import StopRule
+
+OPTIONS = {"batch_size", "completions_per_prompt", "pool", "microbatch_size", "preconditioner", "sketch_dim",
+           "top_eigenvalues", "save"}
+E_ROW, U_ROW, F_ROW = 0, 1, 2  # row kinds: E-batch sequence, training sequence, the rank's F
+META = ("rank", "kind", "prompt", "reward", "advantage", "length")
+
+
+@register
+class FisherProbe(Probe):
+    kind = "fisher"
+    needs_param_snapshot = True
+
+    def setup(self, ctx: SetupContext) -> None:
+        unknown = set(self.options) - OPTIONS
+        if unknown:
+            raise ConfigError(f"probe '{self.name}': unknown option(s) {sorted(unknown)} (valid: {sorted(OPTIONS)})")
+        o, cfg = self.options, ctx.cfg
+        self.spec = EBatchSpec(str(o.get("pool", "eval")), int(o.get("batch_size", 8)),
+                               int(o.get("completions_per_prompt", 2)))
+        self.ebatches = ctx.ebatches
+        self.ebatches.check(self.spec, f"probe '{self.name}'")
+        self.precondition = str(o.get("preconditioner", "adam"))
+        if self.precondition not in ("none", "adam"):
+            raise ConfigError(f"probe '{self.name}': preconditioner must be none|adam, got {self.precondition!r}")
+        self.k, self.top = int(o.get("sketch_dim", 512)), int(o.get("top_eigenvalues", 4))
+        if self.k < 1 or self.top < 1:
+            raise ConfigError(f"probe '{self.name}': sketch_dim and top_eigenvalues must be >= 1")
+        self.micro = int(o.get("microbatch_size", cfg.train.microbatch_size))
+        self.save = bool(o.get("save", True))
+        self.cfg, self.world = cfg, ctx.world
+        self.names = [n for n, p in ctx.model.named_parameters() if p.requires_grad]
+        self.capture = LinearCapture(ctx.model, set(self.names), self._on_rows)
+        self.stop_rule = StopRule(ctx.tokenizer, eos_token_ids(ctx.model, ctx.tokenizer), STOP_STRINGS)
+        for key in ("local", "sketch", "meta", "texts"):
+            self.add_stat(key, reduce="cat")
+        self.add_stat("pred")
+        self.add_stat("lr", reduce="max")
+        self.add_stat("preconditioned", reduce="min")
+        for key in ("time_grad_s", "time_kernel_s"):
+            self.add_stat(key, reduce="max")
+        self._rows: dict[str, list[torch.Tensor]] = {}
+        self._held: dict | None = None
+
+    # -------------------------------------------------------------------------- hooks
+    def on_before_optimizer_step(self, ctx: StepContext) -> None:
+        if ctx.epoch > 0:
+            return
+        t0 = time.perf_counter()
+        ebatch = self.ebatches.get(ctx.model, ctx.step, self.spec)
+        rows, F_vec = self.sequence_gradients(ctx.model, ebatch.tensors if len(ebatch) else None, ctx.batch.tensors,
+                                              self._pool_weights(ebatch.prompt))
+        self._held = dict(rows=rows, F=F_vec, meta=self._meta(ebatch, ctx.batch), texts=self._texts(ctx.batch))
+        self.stats["time_grad_s"] += time.perf_counter() - t0
+
+    def on_after_optimizer_step(self, ctx: StepContext) -> None:
+        if ctx.epoch > 0 or self._held is None:
+            return
+        held, self._held = self._held, None
+        t0 = time.perf_counter()
+        D = F.adam_preconditioner(ctx.optimizer, ctx.trainable()) if self.precondition == "adam" else None
+        local, sketch = self.kernel(held["rows"], D, ctx.step)
+        delta = ctx.delta_theta()
+        self.stats["pred"] += sum(float((held["F"][n].double() * delta[n].double()).sum()) for n in self.names)
+        self.stats["lr"] = ctx.lr
+        self.stats["preconditioned"] = float(D is not None)
+        self.stats["local"].append(local)
+        if sketch is not None:
+            self.stats["sketch"].append(sketch)
+        self.stats["meta"].append(held["meta"])
+        self.stats["texts"].extend(held["texts"])
+        self.stats["time_kernel_s"] += time.perf_counter() - t0
+
+    # -------------------------------------------------------------------------- gradients
+    def sequence_gradients(self, model, e_tokens: policy.TokenBatch | None, u_tokens: policy.TokenBatch,
+                           e_weights: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Per-row ∇S [n_E + n_U + 1, *shape] per parameter (E rows, U rows, then the row F) and
+        F = Σ_t w_t ∇f_t as a dict, at the model's current parameters."""
+        self._rows = {n: [] for n in self.names}
+        params = [p for n, p in model.named_parameters() if p.requires_grad]
+        F_vec = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in zip(self.names, params)}
+        with eval_mode(model), torch.enable_grad():
+            if e_tokens is not None:
+                b = self._baseline(model, e_tokens)
+                for rows, mb in policy.microbatches(e_tokens, self.micro):
+                    with self._capturing():
+                        terms, stops, mask = self._terms(model, mb)
+                        torch.autograd.grad((terms["lp"] * mask).sum(), params, retain_graph=True, allow_unused=True)
+                    cont, _, _ = DH.stop_split(mb.completion_ids.to(mask.device), mask, *stops)
+                    f = DH.rb_surrogate(terms, cont, mask, b[rows, : mask.shape[1]].to(mask.device))
+                    w = e_weights[rows].to(f.device, f.dtype)
+                    for n, g in zip(self.names, torch.autograd.grad((w * f).sum(), params, allow_unused=True)):
+                        if g is not None:
+                            F_vec[n] += g.float()
+            for _, mb in policy.microbatches(u_tokens, self.micro):
+                with self._capturing():
+                    logits = policy.completion_logits(model, *mb, self.cfg.rollout.temperature)
+                    lp = policy.token_logprobs(logits, mb.completion_ids)
+                    torch.autograd.grad((lp * mb.completion_mask.to(lp.device)).sum(), params, allow_unused=True)
+        n_rows = (len(e_tokens.prompt_ids) if e_tokens is not None else 0) + len(u_tokens.prompt_ids)
+        for n in self.names:
+            got = sum(len(r) for r in self._rows[n])
+            if got != n_rows:
+                raise RuntimeError(f"captured {got} of {n_rows} per-sequence gradients of {n}")
+        rows = {n: torch.cat([*self._rows[n], F_vec[n].unsqueeze(0)]) for n in self.names}
+        self._rows = {}
+        return rows, F_vec
+
+    def _terms(self, model, mb: policy.TokenBatch):
+        """Per-token h, ℓ, P_S (float64, differentiable), the stop sets and the mask of a microbatch."""
+        logits = policy.completion_logits(model, *mb, self.cfg.rollout.temperature)
+        dev = logits.device
+        extra, extra_mask = self.stop_rule.stop_sets(mb.completion_ids, mb.completion_mask)
+        stops = (torch.tensor(self.stop_rule.always, dtype=torch.long, device=dev), extra.to(dev), extra_mask.to(dev))
+        return DH.token_terms(logits, mb.completion_ids.to(dev), *stops), stops, mb.completion_mask.to(dev).double()
+
+    @torch.no_grad()
+    def _baseline(self, model, e_tokens: policy.TokenBatch) -> torch.Tensor:
+        """The δH leave-one-out baseline [n_E, L] over this rank's E rows (all of them at one rank)."""
+        n, L = e_tokens.completion_mask.shape
+        h, ps = torch.zeros(n, L, dtype=torch.float64), torch.zeros(n, L, dtype=torch.float64)
+        for rows, mb in policy.microbatches(e_tokens, self.micro):
+            terms, _, mask = self._terms(model, mb)
+            w = mask.shape[1]
+            h[rows, :w], ps[rows, :w] = (terms["h"] * mask).cpu(), (terms["ps"] * mask).cpu()
+        return DH.value_baseline(h, ps, e_tokens.completion_mask.double())
+
+    @contextlib.contextmanager
+    def _capturing(self):
+        """Capture hooks on the forward (they register the backward's) and one backward."""
+        self.capture.attach()
+        try:
+            yield
+        finally:
+            self.capture.detach()
+        if self.capture.error is not None:
+            raise self.capture.error
+
+    def _on_rows(self, name: str, rows: torch.Tensor) -> None:
+        self._rows[name].append(rows.float())
+
+    def _pool_weights(self, prompt: torch.Tensor) -> torch.Tensor:
+        """w_t = 1/(n·k_p): the weights of the δH pool mean (whole prompts sit on one rank)."""
+        if not len(prompt):
+            return torch.zeros(0, dtype=torch.float64)
+        n = min(len(self.ebatches.pool(self.spec)), max(1, self.spec.batch_size // self.spec.per_prompt))
+        _, inv, counts = prompt.unique(return_inverse=True, return_counts=True)
+        return 1.0 / (n * counts[inv].double())
+
+    # -------------------------------------------------------------------------- blocks
+    def kernel(self, rows: dict[str, torch.Tensor], D: dict[str, torch.Tensor] | None, step: int):
+        """(exact local Gram [n, n], sketch [n, k] or None at one rank) of the rows, with D once."""
+        n = next(iter(rows.values())).shape[0]
+        local = torch.zeros(n, n, dtype=torch.float64)
+        sketcher = F.GaussianSketch(stable_seed(self.cfg.seed, "fisher-sketch", step), self.k) \
+            if self.world.world_size > 1 else None
+        sketch = torch.zeros(n, self.k, dtype=torch.float64) if sketcher else None
+        for name in self.names:
+            G, d = rows[name], None if D is None else D[name]
+            local += F.gram(G, weight=d).cpu()
+            if sketcher is not None:  # ⟨D a, b⟩ = ⟨√D a, √D b⟩: sketch √D-scaled rows
+                scaled = G if d is None else G * d.sqrt().to(G.device, G.dtype)
+                sketch += sketcher.project(name, scaled.cpu())
+        return local, sketch
+
+    def _meta(self, ebatch, batch) -> torch.Tensor:
+        r, nE, nU = self.world.rank, len(ebatch), len(batch)
+        e_len = ebatch.tensors.completion_mask.sum(-1).double() if nE else torch.zeros(0, dtype=torch.float64)
+        nan = torch.full((nE,), float("nan"), dtype=torch.float64)
+        e = torch.stack([torch.full((nE,), float(r)), torch.full((nE,), float(E_ROW)), ebatch.prompt.double(),
+                         nan, nan, e_len], dim=1) if nE else torch.zeros(0, len(META), dtype=torch.float64)
+        # U prompts: the rank's group index, made global (groups never span ranks).
+        u = torch.stack([torch.full((nU,), float(r)), torch.full((nU,), float(U_ROW)),
+                         (batch.group_index + r * nU).double(), batch.rewards.double(), batch.advantages.double(),
+                         batch.completion_mask.sum(-1).double()], dim=1)
+        f = torch.tensor([[float(r), float(F_ROW), -1.0, float("nan"), float("nan"), 0.0]], dtype=torch.float64)
+        return torch.cat([e.double(), u, f])
+
+    @staticmethod
+    def _texts(batch) -> list[torch.Tensor]:
+        """Each U row's record id and completion text, as bytes (cat-stats travel as tensors)."""
+        return [torch.tensor(list(f"{rid}\t{text}".encode()), dtype=torch.uint8)
+                for rid, text in zip(batch.record_ids, batch.texts)]
+
+    # -------------------------------------------------------------------------- results
+    def assemble(self) -> dict:
+        """The global kernel over every rank's rows (rank order), with its exactness mask."""
+        s = self.stats
+        meta = torch.cat(s["meta"])
+        sizes = [m.shape[0] for m in s["meta"]]
+        K = torch.zeros(sum(sizes), sum(sizes), dtype=torch.float64)
+        exact = torch.zeros_like(K, dtype=torch.bool)
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        for a, (sa, na) in enumerate(zip(starts, sizes)):
+            for b, (sb, nb) in enumerate(zip(starts, sizes)):
+                if a == b:
+                    K[sa:sa + na, sb:sb + nb] = s["local"][a]
+                    exact[sa:sa + na, sb:sb + nb] = True
+                else:
+                    K[sa:sa + na, sb:sb + nb] = s["sketch"][a] @ s["sketch"][b].T
+        return {"K": K, "exact": exact, "meta": meta}
+
+    def compute(self) -> dict[str, float]:
+        s = self.stats
+        if not s["meta"]:
+            return {}
+        g = self.assemble()
+        K, exact, meta = g["K"], g["exact"], g["meta"]
+        kind = meta[:, 1].long()
+        E, U, Fr = (kind == E_ROW).nonzero().flatten(), (kind == U_ROW).nonzero().flatten(), (kind == F_ROW).nonzero().flatten()
+        # c_j = η·A_j/(N·L)·Σ_r ⟨F_r, D∇S_j⟩ (each rank's F holds its own E rows).
+        scale = s["lr"] / (self.cfg.train.buffer_size * self.cfg.rollout.max_new_tokens)
+        contrib = scale * meta[U, 4] * K[Fr][:, U].sum(0)
+        out = {"n_E": float(len(E)), "n_U": float(len(U)), "preconditioned": s["preconditioned"],
+               "exact_frac": float(exact[:, torch.cat([E, U])][torch.cat([E, U])].double().mean()),
+               "pred": s["pred"], "contrib_sum": float(contrib.sum()), "contrib_up": float(contrib.clamp(min=0).sum()),
+               "contrib_down": float(contrib.clamp(max=0).sum()),
+               "time_grad_s": s["time_grad_s"], "time_kernel_s": s["time_kernel_s"]}
+        out["contrib_ratio"] = out["contrib_sum"] / s["pred"] if s["pred"] else float("nan")
+        for tag, idx in (("uu", U), ("ee", E)):
+            if len(idx) < 2:
+                continue
+            block = K[idx][:, idx]
+            out.update({f"{tag}_{k}": v for k, v in F.kernel_summary(block, meta[idx, 2].long()).items()})
+            spec = F.spectrum(block, self.top)
+            out.update({f"{tag}_eig_{i + 1}": v for i, v in enumerate(spec["top"])})
+            out[f"{tag}_effective_rank"], out[f"{tag}_participation_ratio"] = spec["effective_rank"], spec["participation_ratio"]
+        if len(E) and len(U):
+            cross = F.cross_summary(K[E][:, U])
+            out.update(eu_mean=cross["mean"], eu_abs_mean=cross["abs_mean"])
+        if self.save and self.world.is_main and self.output_dir is not None:
+            self._write(K, exact, meta, E, U, contrib)
+        return {k: v for k, v in out.items() if v == v}
+
+    def _write(self, K, exact, meta, E, U, contrib) -> None:
+        folder = self.output_dir / "fisher"
+        folder.mkdir(parents=True, exist_ok=True)
+        texts = [bytes(t.tolist()).decode(errors="replace") for t in self.stats["texts"]]
+        ids = [t.split("\t", 1)[0] for t in texts]
+        step = self.step
+        np.savez_compressed(
+            folder / f"step_{step}.npz", K_ee=K[E][:, E].numpy(), K_uu=K[U][:, U].numpy(), K_eu=K[E][:, U].numpy(),
+            exact_ee=exact[E][:, E].numpy(), exact_uu=exact[U][:, U].numpy(), exact_eu=exact[E][:, U].numpy(),
+            meta_e=meta[E].numpy(), meta_u=meta[U].numpy(), meta_columns=np.array(META), contrib=contrib.numpy(),
+            u_ids=np.array(ids))
+        order = contrib.argsort(descending=True).tolist()
+
+        def row(j: int) -> dict:
+            rid, _, text = texts[j].partition("\t")
+            return {"id": rid, "c": float(contrib[j]), "advantage": float(meta[U[j], 4]), "reward": float(meta[U[j], 3]),
+                    "length": int(meta[U[j], 5]), "text": text}
+
+        top = {"raising": [row(j) for j in order[:5] if contrib[j] > 0],
+               "lowering": [row(j) for j in reversed(order[-5:]) if contrib[j] < 0]}
+        (folder / f"step_{step}_top.json").write_text(json.dumps(top, indent=1))

@@ -1,0 +1,169 @@
+"""Fisher kernel K(t,t') = ⟨∇S(t), ∇S(t')⟩ over the trainable parameters (S: sequence log-prob).
+
+Per-sequence gradients arrive parameter by parameter as rows [n, *param.shape] (the capture
+engine), so K is streamed as K = Σ_param gram(rows_param): no [n × total params] matrix is built.
+With Adam, the preconditioned kernel ⟨D∇S(t), ∇S(t')⟩ carries D = 1/(√v̂ + ε) ONCE, as the
+update direction does (D on both sides would precondition twice).
+
+Across ranks the exact rows are too large to gather, so each rank sketches them: s = Rᵀg with
+R ∈ R^{d×k}, entries N(0, 1/k), drawn from the seed block by block (TRAK's habit) and never
+held dense. ⟨s_a, s_b⟩ is unbiased for ⟨a, b⟩ with variance (|a|²|b|² + ⟨a,b⟩²)/k.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+# Rows of R drawn per generator seeding. Part of the sketch's definition (changing it changes
+# R), and bounds the extra memory of ``project`` to BLOCK·k numbers.
+BLOCK = 2**14
+# Columns per float64 chunk in ``gram``: bounds its float64 copies to ~32 MiB.
+_GRAM_CHUNK = 2**22
+
+
+def gram(a: torch.Tensor, b: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """[na, nb] float64: K[i, j] = Σ_p a[i,p]·w[p]·b[j,p] over the flattened parameter.
+
+    b defaults to a; weight is the diagonal preconditioner D (once). Chunked and cast per chunk,
+    so float32/bf16 rows accumulate in float64 without a float64 copy of the whole rows.
+    """
+    A = a.reshape(a.shape[0], -1)
+    B = A if b is None else b.reshape(b.shape[0], -1)
+    if A.shape[1] != B.shape[1]:
+        raise ValueError(f"gram: rows of {tuple(a.shape[1:])} and {tuple(b.shape[1:])} differ")
+    w = None if weight is None else weight.reshape(-1)
+    if w is not None and w.numel() != A.shape[1]:
+        raise ValueError(f"gram: weight of {tuple(weight.shape)} for rows of {tuple(a.shape[1:])}")
+    out = torch.zeros(A.shape[0], B.shape[0], dtype=torch.float64, device=A.device)
+    step = max(1, _GRAM_CHUNK // max(A.shape[0], B.shape[0], 1))
+    for s in range(0, A.shape[1], step):
+        xa = A[:, s : s + step].double()
+        if w is not None:
+            xa = xa * w[s : s + step].to(xa.device, torch.float64)
+        out += xa @ B[:, s : s + step].double().T
+    return out
+
+
+def adam_preconditioner(optimizer: torch.optim.Optimizer,
+                        params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor] | None:
+    """name -> D = 1/(√v̂ + ε) (float64, param's shape), v̂ = v/(1 − β2^step); None before a step.
+
+    D is the denominator of Adam's update without lr and momentum (amsgrad: its running max of
+    v). Apply it ONCE, as gram(a, b, weight=D) = ⟨D a, b⟩: never D on both sides.
+    """
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    out, missing = {}, []
+    for name, p in params.items():
+        st = optimizer.state.get(p) or {}
+        if "exp_avg_sq" not in st or id(p) not in group_of:
+            missing.append(name)
+            continue
+        g = group_of[id(p)]
+        beta2, eps = float(g["betas"][1]), float(g["eps"])
+        v = st["max_exp_avg_sq"] if g.get("amsgrad") else st["exp_avg_sq"]
+        vhat = v.detach().double() / (1 - beta2 ** float(st["step"]))  # step: tensor or float
+        out[name] = 1.0 / (vhat.sqrt() + eps)
+    if missing and out:
+        raise ValueError(f"adam_preconditioner: no Adam state for {missing[:3]} (others have one)")
+    return out or None
+
+
+def _block_seed(seed: int, name: str, block: int) -> int:
+    """63-bit seed of one block of R: the same in every process (sha256, not the salted hash())."""
+    digest = hashlib.sha256(f"{seed}/{name}/{block}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class GaussianSketch:
+    """s = Rᵀ g, R_name ∈ R^{d×k} with entries N(0, 1/k), drawn in BLOCK-row blocks.
+
+    Block j of R_name comes from a generator seeded with (seed, name, j), so R depends only on
+    (seed, name, d), not on n, the call, or the process; the sketch of a full gradient is
+    Σ_name project(name, rows_name). Extra memory O(BLOCK·k). Output float64 [n, k].
+
+    Generator device: CPU by default, because torch's CPU normal stream is the same on every
+    machine (up to ~1 ulp between ISA levels: the AVX2 path uses approximate log/sincos; far
+    below the sketch's noise) and independent of any GPU. It costs d·k normals per call at
+    ~0.2 G/s per core. ``device="cuda"`` is far faster but a DIFFERENT R: CUDA's Philox stream
+    differs from the CPU one and its element order follows the launch grid, sized by the GPU's
+    SM count, so every rank must then use the same device type and GPU model.
+    """
+
+    def __init__(self, seed: int, k: int, device: torch.device | str | None = None):
+        if k < 1:
+            raise ValueError(f"GaussianSketch: k must be ≥ 1, got {k}")
+        self.seed, self.k = int(seed), int(k)
+        self.device = torch.device(device if device is not None else "cpu")
+        self._gen = torch.Generator(device=self.device)
+
+    def _normal(self, name: str, block: int, rows: int) -> torch.Tensor:
+        """[rows, k] float32 standard normals of block `block` of R_name (before the 1/√k)."""
+        self._gen.manual_seed(_block_seed(self.seed, name, block))
+        return torch.randn(rows, self.k, generator=self._gen, device=self.device)
+
+    def project(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """[n, *shape] -> [n, k] float64: rows (flattened, row-major) times R_name."""
+        x = rows.detach().reshape(rows.shape[0], -1)
+        # float64 rows keep float64 products (exact checks); others multiply in float32, whose
+        # rounding (~1e-7) is far below the sketch's 1/√k noise.
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        out = torch.zeros(x.shape[0], self.k, dtype=torch.float64, device=x.device)
+        for j, s in enumerate(range(0, x.shape[1], BLOCK)):
+            e = min(s + BLOCK, x.shape[1])
+            z = self._normal(name, j, e - s).to(x.device, dtype)
+            out += (x[:, s:e].to(dtype) @ z).double()
+        return out / math.sqrt(self.k)
+
+    def matrix(self, name: str, d: int) -> torch.Tensor:
+        """Dense R_name [d, k] float64, from the same blocks as ``project`` (small d: tests)."""
+        blocks = [self._normal(name, j, min(BLOCK, d - s)) for j, s in enumerate(range(0, d, BLOCK))]
+        return torch.cat(blocks).double() / math.sqrt(self.k)
+
+
+def sketch_variance(a2, b2, ab, k: int):
+    """Var(⟨s_a, s_b⟩ − ⟨a, b⟩) = (|a|²|b|² + ⟨a,b⟩²)/k for a Gaussian sketch (floats or tensors)."""
+    return (a2 * b2 + ab * ab) / k
+
+
+def kernel_summary(K: torch.Tensor, prompt: torch.Tensor) -> dict[str, float]:
+    """Means of K's diagonal, off-diagonal (signed, |·|), and off-diagonal pairs of the same /
+    different prompt id; nan where a set is empty."""
+    K = K.detach().double()
+    n = K.shape[0]
+    off = ~torch.eye(n, dtype=torch.bool, device=K.device)
+    p = prompt.to(K.device)
+    same = p[:, None] == p[None, :]
+
+    def mean(mask: torch.Tensor, vals: torch.Tensor = K) -> float:
+        return float(vals[mask].mean()) if bool(mask.any()) else float("nan")
+
+    return {"diag_mean": float(K.diagonal().mean()) if n else float("nan"),
+            "offdiag_mean": mean(off), "offdiag_abs_mean": mean(off, K.abs()),
+            "same_prompt_mean": mean(off & same), "diff_prompt_mean": mean(~same)}
+
+
+def spectrum(K: torch.Tensor, top: int) -> dict:
+    """Eigenvalues of the symmetrised K, descending: ``top`` (the largest ``top``), ``min``,
+    ``effective_rank`` = exp(entropy of λ/Σλ over λ > 0) (Roy & Vetterli) and
+    ``participation_ratio`` = (Σλ)²/Σλ² over λ > 0 (negatives of a PSD K are rounding)."""
+    S = K.detach().double()
+    lam = torch.linalg.eigvalsh((S + S.T) / 2).flip(0)
+    pos = lam[lam > 0]
+    if pos.numel() == 0:
+        eff = pr = float("nan")
+    else:
+        q = pos / pos.sum()
+        eff = float(torch.exp(-(q * q.log()).sum()))
+        pr = float(pos.sum() ** 2 / (pos * pos).sum())
+    return {"top": lam[:top].tolist(), "min": float(lam[-1]), "effective_rank": eff,
+            "participation_ratio": pr}
+
+
+def cross_summary(K_eu: torch.Tensor) -> dict:
+    """E×U cross kernel: mean, mean |·|, and ``column_mean`` [nU] float64 = mean_t K[t, j], how
+    much a step along training sequence j's ∇S moves the evaluation log-probs on average."""
+    K = K_eu.detach().double()
+    return {"mean": float(K.mean()), "abs_mean": float(K.abs().mean()), "column_mean": K.mean(dim=0)}

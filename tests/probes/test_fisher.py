@@ -1,0 +1,135 @@
+"""Fisher-kernel probe: exact blocks against a loop of per-sequence backward passes, the
+contributions c_j against δH₁ of the real update, the files it writes."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from probes.functional import fisher as FF
+from rl_training import policy
+from tests.helpers.runs import run_in_process, train_log
+
+ALL_LINEAR = "model.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
+FISHER_ONLY = "probes.probes=[{name: fk, kind: fisher, options: {batch_size: 8, microbatch_size: 3}}]"
+
+
+def _session(*overrides):
+    from rl_training.config import load_config
+    from rl_training.dist import DistInfo
+    from rl_training.session import build_session
+    from tests.helpers.runs import TINY
+
+    return build_session(load_config(TINY, list(overrides)), DistInfo())
+
+
+def _padded_batch(eos: int, vocab: int) -> policy.TokenBatch:
+    """7 rows: prompts of 2–6 tokens left-padded, completions of 1–9 tokens right-padded, some
+    ending at an EOS inside the batch width."""
+    gen = torch.Generator().manual_seed(3)
+    P, L = 6, 9
+    prompt_len, comp_len = [2, 6, 4, 3, 6, 5, 2], [9, 3, 1, 7, 9, 5, 2]
+    pid = torch.zeros(7, P, dtype=torch.long)
+    pm = torch.zeros(7, P, dtype=torch.long)
+    cid = torch.zeros(7, L, dtype=torch.long)
+    cm = torch.zeros(7, L, dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompt_len, comp_len)):
+        pid[i, P - p:] = torch.randint(5, vocab, (p,), generator=gen)
+        pm[i, P - p:] = 1
+        cid[i, :c] = torch.randint(5, vocab, (c,), generator=gen)
+        cm[i, :c] = 1
+        if c < L and i % 2 == 0:
+            cid[i, c - 1] = eos  # ended by EOS
+    return policy.TokenBatch(pid, pm, cid, cm)
+
+
+def _brute_force_rows(model, tokens: policy.TokenBatch, temperature: float) -> torch.Tensor:
+    """[n, params] ∇S of each row alone (no padding), one backward per row."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = []
+    model.eval()
+    for i in range(len(tokens.prompt_ids)):
+        row = policy.trim(*tokens.rows(slice(i, i + 1)))
+        lp = policy.token_logprobs(policy.completion_logits(model, *row, temperature), row.completion_ids)
+        grads = torch.autograd.grad((lp * row.completion_mask).sum(), params)
+        out.append(torch.cat([g.reshape(-1) for g in grads]).double())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("precondition", [False, True])
+def test_exact_kernel_equals_a_loop_of_per_sequence_backwards(precondition):
+    s = _session(ALL_LINEAR, FISHER_ONLY)
+    tr, probe = s.trainer, s.trainer.probes.probes[0]
+    model = tr.policy
+    with torch.no_grad():  # LoRA B ≠ 0, so that A has a gradient too
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
+    assert len(probe.names) == 2 * 7 * 2, "LoRA A and B on all 7 linear layers of 2 blocks"
+    D = None
+    if precondition:  # Adam state from two real steps of some loss
+        params = [p for p in model.parameters() if p.requires_grad]
+        for _ in range(2):
+            loss = sum((p * p).sum() * (i + 1) for i, p in enumerate(params))
+            tr.optimizer.zero_grad()
+            loss.backward()
+            tr.optimizer.step()
+        tr.optimizer.zero_grad(set_to_none=True)
+        D = FF.adam_preconditioner(tr.optimizer, dict(probe_named(model)))
+        assert D is not None
+    tokens = _padded_batch(tr.tokenizer.eos_token_id, len(tr.tokenizer))
+    rows, _ = probe.sequence_gradients(model, None, tokens, torch.zeros(0))
+    local, sketch = probe.kernel(rows, D, step=1)
+    assert sketch is None, "one rank: nothing is sketched"
+    G = _brute_force_rows(model, tokens, s.cfg.rollout.temperature)
+    w = torch.cat([D[n].reshape(-1) for n, _ in probe_named(model)]) if D is not None else torch.ones(G.shape[1])
+    want = (G * w) @ G.T
+    got = local[:7, :7]  # the last row is F (zero without an E-batch)
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
+    assert float(local[7].abs().max()) == 0.0
+
+
+def probe_named(model):
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_contributions_sum_to_delta_h_of_the_real_update(optimizer):
+    """SGD, and Adam's first step without weight decay, move θ along Σ_j −A_j D∇S_j/(N·L)·η:
+    Σ_j c_j equals δH₁ of the real Δθ, and the probe's δH₁ equals the δH probe's (shared E-batch)."""
+    s = _session("probes.probes=[{name: dh, kind: delta_h, options: {batch_size: 8}},"
+                 " {name: fk, kind: fisher, options: {batch_size: 8, microbatch_size: 3}}]",
+                 "train.grad_clip=0", "train.weight_decay=0")
+    tr = s.trainer
+    lr = tr.lr_scheduler.get_last_lr()[0]
+    if optimizer == "sgd":
+        tr.optimizer = torch.optim.SGD(list(tr.trainable.values()), lr=lr)
+    out = tr.train_step().metrics
+    assert out["probe/fk/preconditioned"] == float(optimizer == "adamw")
+    assert out["probe/fk/pred"] == pytest.approx(out["probe/dh/pred"], rel=1e-5)
+    assert out["probe/fk/contrib_ratio"] == pytest.approx(1.0, abs=1e-4)
+    assert out["probe/fk/contrib_up"] > 0 > out["probe/fk/contrib_down"]
+    assert tr.probes.probes[0].ebatches.generations == 1, "δH and Fisher share one E-batch"
+
+
+def test_blocks_and_top_sequences_are_written(tmp_path):
+    run = run_in_process(tmp_path, "train.total_steps=1",
+                         "probes.probes=[{name: fk, kind: fisher, options: {batch_size: 8, top_eigenvalues: 3}}]")
+    (row,) = train_log(run)
+    with np.load(run / "fisher" / "step_1.npz") as z:
+        assert z["K_uu"].shape == (8, 8) and z["K_ee"].shape == (8, 8) and z["K_eu"].shape == (8, 8)
+        assert z["exact_uu"].all() and z["exact_eu"].all()
+        np.testing.assert_allclose(z["K_uu"], z["K_uu"].T, rtol=1e-12)
+        assert np.all(np.linalg.eigvalsh(z["K_uu"]) > -1e-9 * z["K_uu"].trace()), "a Gram matrix is PSD"
+        assert z["contrib"].sum() == pytest.approx(row["probe/fk/contrib_sum"], rel=1e-9)
+        assert np.diag(z["K_uu"]).mean() == pytest.approx(row["probe/fk/uu_diag_mean"], rel=1e-9)
+        assert np.linalg.eigvalsh(z["K_uu"])[-1] == pytest.approx(row["probe/fk/uu_eig_1"], rel=1e-9)
+        assert list(z["meta_columns"]) == ["rank", "kind", "prompt", "reward", "advantage", "length"]
+        assert len(set(z["u_ids"].tolist())) == 2, "two prompt groups of 4"
+    top = json.loads((run / "fisher" / "step_1_top.json").read_text())
+    assert top["raising"] and top["lowering"]
+    assert all(r["c"] > 0 for r in top["raising"]) and all(r["c"] < 0 for r in top["lowering"])
+    assert {"id", "text", "advantage", "reward", "length"} <= set(top["raising"][0])
+    assert math.isfinite(row["probe/fk/uu_effective_rank"]) and row["probe/fk/exact_frac"] == 1.0

@@ -1,0 +1,256 @@
+"""Fisher-kernel functions against explicit references: flatten-and-matmul Grams, a hand-rolled
+Adam second moment, the dense projection matrix, Monte-Carlo sketch statistics, hand-computed
+kernel summaries, and the peak memory of a 4M-parameter projection."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from probes.functional import fisher as F
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _randn(*shape, seed, dtype=torch.float64):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+# ---------------------------------------------------------------- gram
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_gram_equals_flatten_and_matmul(weighted):
+    a, b = _randn(3, 4, 5, seed=0, dtype=torch.float32), _randn(2, 4, 5, seed=1, dtype=torch.float32)
+    w = _randn(4, 5, seed=2).abs() if weighted else None
+    A, B = a.reshape(3, -1).double(), b.reshape(2, -1).double()
+    Aw = A * w.reshape(-1) if weighted else A
+    K = F.gram(a, b, weight=w)
+    assert K.dtype == torch.float64 and K.shape == (3, 2)
+    torch.testing.assert_close(K, Aw @ B.T, rtol=1e-12, atol=0)
+    torch.testing.assert_close(F.gram(a, weight=w), Aw @ A.T, rtol=1e-12, atol=0)
+
+
+def test_gram_chunks_and_accumulates_in_float64():
+    # 64 rows × 75,000 columns spans two float64 chunks of 2**22 / 64 columns.
+    a, b = _randn(64, 300, 250, seed=3, dtype=torch.float32), _randn(5, 300, 250, seed=4, dtype=torch.float32)
+    torch.testing.assert_close(F.gram(a, b), a.reshape(64, -1).double() @ b.reshape(5, -1).double().T,
+                               rtol=1e-12, atol=1e-9)
+    # float32 accumulation would lose the 1 under 1e8: (1e8 + 1) − 1e8 = 0 in float32.
+    x = torch.tensor([[1e8, 1.0, -1e8]], dtype=torch.float32)
+    assert F.gram(x, torch.ones(1, 3)).item() == 1.0
+    assert F.gram(x.bfloat16(), torch.ones(1, 3, dtype=torch.bfloat16)).item() == 1.0  # bf16 1e8: ulp 2**19
+
+
+def test_streamed_kernel_equals_full_kernel():
+    """Σ_param gram(rows_param, weight=D_param) = G D Gᵀ with G the concatenated gradients."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    params = dict(model.named_parameters())
+    xs = _randn(5, 4, seed=5, dtype=torch.float32)
+    rows = {n: [] for n in params}
+    for x in xs:  # one backward per sequence: the brute-force per-sequence gradients
+        model.zero_grad()
+        model(x).logsumexp(-1).backward()
+        for n, p in params.items():
+            rows[n].append(p.grad.clone())
+    rows = {n: torch.stack(r) for n, r in rows.items()}
+    D = {n: _randn(*p.shape, seed=6 + i).abs() for i, (n, p) in enumerate(params.items())}
+    K = sum(F.gram(rows[n], weight=D[n]) for n in params)
+    G = torch.cat([rows[n].reshape(5, -1).double() for n in params], dim=1)
+    Dv = torch.cat([D[n].reshape(-1) for n in params])
+    torch.testing.assert_close(K, (G * Dv) @ G.T, rtol=1e-12, atol=1e-15)
+
+
+# ---------------------------------------------------------------- Adam preconditioner
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_adam_preconditioner_matches_manual_second_moment(amsgrad):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    params = dict(model.named_parameters())
+    beta2, eps = 0.99, 1e-8
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, beta2), eps=eps,
+                            weight_decay=0.01, amsgrad=amsgrad)
+    assert F.adam_preconditioner(opt, params) is None
+    v = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
+    vmax = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
+    for step in range(3):
+        opt.zero_grad()
+        model(_randn(6, 4, seed=10 + step, dtype=torch.float32)).pow(2).sum().backward()
+        if step == 0:
+            assert F.adam_preconditioner(opt, params) is None  # gradients but no step yet
+        for n, p in params.items():
+            v[n] = beta2 * v[n] + (1 - beta2) * p.grad.double() ** 2
+            vmax[n] = torch.maximum(vmax[n], v[n])
+        opt.step()
+    D = F.adam_preconditioner(opt, params)
+    assert set(D) == set(params)
+    for n in params:
+        vh = (vmax if amsgrad else v)[n] / (1 - beta2**3)
+        assert D[n].dtype == torch.float64
+        torch.testing.assert_close(D[n], 1 / (vh.sqrt() + eps), rtol=1e-5, atol=0)
+    # a float step (older torch, or a loaded state) gives the same D
+    for p in params.values():
+        opt.state[p]["step"] = float(opt.state[p]["step"])
+    D2 = F.adam_preconditioner(opt, params)
+    for n in params:
+        torch.testing.assert_close(D2[n], D[n], rtol=0, atol=0)
+    # a parameter the optimizer never stepped, next to ones it did: refused, by name
+    with pytest.raises(ValueError, match="extra"):
+        F.adam_preconditioner(opt, {**params, "extra": torch.nn.Parameter(torch.zeros(2))})
+
+
+# ---------------------------------------------------------------- sketch: the projection
+
+
+def test_sketch_is_deterministic_and_independent_of_rows():
+    x = _randn(5, 3, 50, seed=20)
+    s1, s2 = F.GaussianSketch(7, 16), F.GaussianSketch(7, 16)  # a fresh instance: another rank
+    assert torch.equal(s1.matrix("m.w", 150), s2.matrix("m.w", 150))
+    p5 = s1.project("m.w", x)
+    assert p5.shape == (5, 16) and p5.dtype == torch.float64
+    assert torch.equal(p5, s1.project("m.w", x))
+    torch.testing.assert_close(s2.project("m.w", x[:1]), p5[:1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s2.project("m.w", x[3:]), p5[3:], rtol=1e-12, atol=1e-12)
+    # another name or seed draws another R (correlation of two independent N(0,1) draws ≈ 0)
+    for other in (s1.project("m.b", x), F.GaussianSketch(8, 16).project("m.w", x)):
+        c = torch.corrcoef(torch.stack([other.flatten(), p5.flatten()]))[0, 1]
+        assert abs(float(c)) < 0.3
+
+
+def test_sketch_is_the_same_in_another_process():
+    """No salted hash(): a child with another PYTHONHASHSEED projects to the same numbers."""
+    code = ("import torch, json; from probes.functional.fisher import GaussianSketch as G; "
+            "x = torch.arange(40, dtype=torch.float64).reshape(2, 20) / 7; "
+            "print(json.dumps(G(11, 4).project('layers.0.lora_A.weight', x).flatten().tolist()))")
+    here = F.GaussianSketch(11, 4).project("layers.0.lora_A.weight",
+                                           torch.arange(40, dtype=torch.float64).reshape(2, 20) / 7)
+    for hashseed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                             env={**os.environ, "PYTHONHASHSEED": hashseed}, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert torch.equal(torch.tensor(json.loads(out.stdout), dtype=torch.float64), here.flatten())
+
+
+def test_sketch_of_two_parameters_is_the_concatenated_projection():
+    """Σ_name project(name, rows) = [x_a, x_b] @ [R_a; R_b], across block boundaries."""
+    s = F.GaussianSketch(3, 8)
+    da = 2 * F.BLOCK + 123  # two full blocks and a partial one
+    xa, xb = _randn(2, da, seed=21), _randn(2, 3, 7, seed=22)
+    got = s.project("a", xa) + s.project("b", xb)
+    R = torch.cat([s.matrix("a", da), s.matrix("b", 21)])
+    assert R.shape == (da + 21, 8)
+    ref = torch.cat([xa, xb.reshape(2, -1)], dim=1) @ R
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    # the blocks are distinct draws, not one block repeated
+    assert not torch.equal(R[: F.BLOCK], R[F.BLOCK : 2 * F.BLOCK])
+    # float32 rows (the capture engine's dtype) agree to float32 rounding
+    torch.testing.assert_close(s.project("a", xa.float()), s.project("a", xa), rtol=1e-4, atol=1e-3)
+
+
+# ---------------------------------------------------------------- sketch: statistics
+
+TRIALS = 4000  # relative SE of a variance estimate ≈ √(2/N) ≈ 2.2%: 10% is > 4 SE
+DIM, K = 300, 64
+
+
+def test_sketch_inner_products_are_unbiased_with_the_stated_variance():
+    a = _randn(DIM, seed=30)
+    r = _randn(DIM, seed=31)
+    orth = r - (r @ a) / (a @ a) * a + 0.02 * a  # nearly orthogonal to a
+    corr = 0.8 * a + 0.6 * _randn(DIM, seed=32)  # cosine ≈ 0.8
+    X = torch.stack([a, orth, corr])
+    pairs = [(0, 1), (0, 2), (0, 0)]
+    exact = X @ X.T
+    err = torch.empty(TRIALS, len(pairs), dtype=torch.float64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # thousands of tiny matmuls: thread hand-offs would dominate
+    try:
+        for t in range(TRIALS):
+            S = F.GaussianSketch(t, K).project("w", X)
+            est = S @ S.T
+            err[t] = torch.stack([est[i, j] - exact[i, j] for i, j in pairs])
+    finally:
+        torch.set_num_threads(threads)
+    assert abs(float(exact[0, 1])) < 0.05 * float(exact[0, 0])  # the "orthogonal" pair is
+    for c, (i, j) in enumerate(pairs):
+        e = err[:, c]
+        se = float(e.std()) / math.sqrt(TRIALS)
+        assert abs(float(e.mean())) < 4 * se, (i, j, float(e.mean()), se)
+        var = F.sketch_variance(exact[i, i], exact[j, j], exact[i, j], K)
+        assert abs(float(e.var()) / float(var) - 1) < 0.10, (i, j, float(e.var()), float(var))
+
+
+# ---------------------------------------------------------------- sketch: memory
+
+_MEMORY = """
+import json, resource, time, torch
+torch.set_num_threads(1)
+from probes.functional.fisher import GaussianSketch
+rows = torch.randn(2, 2**22, generator=torch.Generator().manual_seed(0))
+s = GaussianSketch(0, 256)
+def rss_kib():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
+before, t0 = rss_kib(), time.perf_counter()
+out = s.project("model.layers.0.mlp.lora_A.weight", rows)
+seconds = time.perf_counter() - t0
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+norm_ratio = ((out ** 2).sum(1) / (rows.double() ** 2).sum(1)).tolist()
+print(json.dumps({"growth_kib": peak - before, "seconds": seconds, "norm_ratio": norm_ratio}))
+"""
+
+
+def test_sketch_of_a_4m_parameter_never_holds_the_dense_projection():
+    """d = 2**22, k = 256: a dense float32 R would be 4 GiB; the peak RSS must grow < 512 MiB.
+    A child process, so that earlier tests' peaks do not hide this one's."""
+    out = subprocess.run([sys.executable, "-c", _MEMORY], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert res["growth_kib"] < 512 * 1024, res
+    # the whole vector was projected: |s|²/|g|² ≈ 1 ± √(2/k) = ±0.09
+    assert all(abs(r - 1) < 0.45 for r in res["norm_ratio"]), res
+
+
+# ---------------------------------------------------------------- kernel summaries
+
+
+def test_kernel_summary_by_hand():
+    K = torch.tensor([[4.0, 1, 0, -1], [1, 3, 2, 0], [0, 2, 5, 1], [-1, 0, 1, 2]])
+    s = F.kernel_summary(K, torch.tensor([0, 0, 1, 1]))
+    # off-diagonal pairs: (0,1)=1 (0,2)=0 (0,3)=-1 (1,2)=2 (1,3)=0 (2,3)=1, each twice
+    assert s["diag_mean"] == pytest.approx(3.5)
+    assert s["offdiag_mean"] == pytest.approx(6 / 12)
+    assert s["offdiag_abs_mean"] == pytest.approx(10 / 12)
+    assert s["same_prompt_mean"] == pytest.approx(1.0)  # (0,1), (2,3)
+    assert s["diff_prompt_mean"] == pytest.approx(0.25)  # (0,2) (0,3) (1,2) (1,3)
+    s = F.kernel_summary(K, torch.tensor([0, 1, 2, 3]))
+    assert math.isnan(s["same_prompt_mean"]) and s["diff_prompt_mean"] == pytest.approx(0.5)
+
+
+def test_spectrum_by_hand():
+    # eigenvalues 3, 1 (the [[2,1],[1,2]] block), 1, 0
+    K = torch.tensor([[2.0, 1, 0, 0], [1, 2, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]])
+    s = F.spectrum(K, top=2)
+    assert s["top"] == pytest.approx([3.0, 1.0])
+    assert s["min"] == pytest.approx(0.0, abs=1e-12)
+    p = [0.6, 0.2, 0.2]
+    assert s["effective_rank"] == pytest.approx(math.exp(-sum(q * math.log(q) for q in p)))
+    assert s["participation_ratio"] == pytest.approx(25 / 11)
+    flat = F.spectrum(torch.eye(5) * 2, top=10)  # equal eigenvalues: both measures = 5
+    assert flat["effective_rank"] == pytest.approx(5) and flat["participation_ratio"] == pytest.approx(5)
+    assert len(flat["top"]) == 5
+
+
+def test_cross_summary_by_hand():
+    s = F.cross_summary(torch.tensor([[1.0, -2, 3], [3, 0, -1]]))
+    assert s["mean"] == pytest.approx(4 / 6) and s["abs_mean"] == pytest.approx(10 / 6)
+    torch.testing.assert_close(s["column_mean"], torch.tensor([2.0, -1, 1], dtype=torch.float64))
