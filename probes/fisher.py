@@ -102,7 +102,7 @@ class FisherProbe(Probe):
         for key in ("local", "sketch", "meta", "texts"):
             self.add_stat(key, reduce="cat")
         self.add_stat("pred")
-        self.add_stat("lr", reduce="max")
+        self.add_stat("scale", reduce="max")  # η/(N·L) of the update
         self.add_stat("preconditioned", reduce="min")
         for key in ("time_grad_s", "time_kernel_s"):
             self.add_stat(key, reduce="max")
@@ -113,23 +113,33 @@ class FisherProbe(Probe):
     def on_before_optimizer_step(self, ctx: StepContext) -> None:
         if ctx.epoch > 0:
             return
-        t0 = time.perf_counter()
-        ebatch = self.ebatches.get(ctx.model, ctx.step, self.spec)
-        rows, F_vec = self.sequence_gradients(ctx.model, ebatch.tensors if len(ebatch) else None, ctx.batch.tensors,
-                                              self._pool_weights(ebatch.prompt))
-        self._held = dict(rows=rows, F=F_vec, meta=self._meta(ebatch, ctx.batch), texts=self._texts(ctx.batch))
-        self.stats["time_grad_s"] += time.perf_counter() - t0
+        self._held = self.gradients(ctx.model, self.ebatches.get(ctx.model, ctx.step, self.spec), ctx.batch)
 
     def on_after_optimizer_step(self, ctx: StepContext) -> None:
         if ctx.epoch > 0 or self._held is None:
             return
         held, self._held = self._held, None
-        t0 = time.perf_counter()
         D = F.adam_preconditioner(ctx.optimizer, ctx.trainable()) if self.precondition == "adam" else None
-        local, sketch = self.kernel(held["rows"], D, ctx.step)
-        delta = ctx.delta_theta()
+        self.accumulate(held, D, ctx.delta_theta(), ctx.lr / (ctx.cfg.train.buffer_size * ctx.cfg.rollout.max_new_tokens),
+                        ctx.step)
+
+    # -------------------------------------------------------------------------- the two halves
+    def gradients(self, model, ebatch, batch) -> dict:
+        """Before the update, at θ_k: this rank's per-sequence gradients (E-batch, then the
+        training batch ``batch``, then F) and what the files need of each row."""
+        t0 = time.perf_counter()
+        rows, F_vec = self.sequence_gradients(model, ebatch.tensors if len(ebatch) else None, batch.tensors,
+                                              self._pool_weights(ebatch.prompt))
+        self.stats["time_grad_s"] += time.perf_counter() - t0
+        return dict(rows=rows, F=F_vec, meta=self._meta(ebatch, batch), texts=self._texts(batch))
+
+    def accumulate(self, held: dict, D: dict | None, delta: dict, scale: float, step: int) -> None:
+        """After the update: this rank's exact block, its sketch (several ranks), ⟨F, Δθ⟩;
+        ``scale`` = η/(N·L) of the update's loss (N sequences over all ranks, L the token budget)."""
+        t0 = time.perf_counter()
+        local, sketch = self.kernel(held["rows"], D, step)
         self.stats["pred"] += sum(float((held["F"][n].double() * delta[n].double()).sum()) for n in self.names)
-        self.stats["lr"] = ctx.lr
+        self.stats["scale"] = scale
         self.stats["preconditioned"] = float(D is not None)
         self.stats["local"].append(local)
         if sketch is not None:
@@ -268,18 +278,27 @@ class FisherProbe(Probe):
         return {"K": K, "exact": exact, "meta": meta}
 
     def compute(self) -> dict[str, float]:
-        s = self.stats
-        if not s["meta"]:
+        if not self.stats["meta"]:
             return {}
+        res = self.results()
+        if self.save and self.world.is_main and self.output_dir is not None:
+            folder = self.output_dir / "fisher"
+            write_results(folder, f"step_{self.step}", res)
+            self._log_image(res)
+        return res["values"]
+
+    def results(self) -> dict:
+        """Logged values and the arrays behind them, from the reduced stats."""
+        s = self.stats
         g = self.assemble()
         K, exact, meta = g["K"], g["exact"], g["meta"]
         kind = meta[:, 1].long()
         E, U, Fr = (kind == E_ROW).nonzero().flatten(), (kind == U_ROW).nonzero().flatten(), (kind == F_ROW).nonzero().flatten()
         # c_j = η·A_j/(N·L)·Σ_r ⟨F_r, D∇S_j⟩ (each rank's F holds its own E rows).
-        scale = s["lr"] / (self.cfg.train.buffer_size * self.cfg.rollout.max_new_tokens)
-        contrib = scale * meta[U, 4] * K[Fr][:, U].sum(0)
+        contrib = s["scale"] * meta[U, 4] * K[Fr][:, U].sum(0)
+        EU = torch.cat([E, U])
         out = {"n_E": float(len(E)), "n_U": float(len(U)), "preconditioned": s["preconditioned"],
-               "exact_frac": float(exact[:, torch.cat([E, U])][torch.cat([E, U])].double().mean()),
+               "exact_frac": float(exact[EU][:, EU].double().mean()),
                "pred": s["pred"], "contrib_sum": float(contrib.sum()), "contrib_up": float(contrib.clamp(min=0).sum()),
                "contrib_down": float(contrib.clamp(max=0).sum()),
                "time_grad_s": s["time_grad_s"], "time_kernel_s": s["time_kernel_s"]}
@@ -295,28 +314,71 @@ class FisherProbe(Probe):
         if len(E) and len(U):
             cross = F.cross_summary(K[E][:, U])
             out.update(eu_mean=cross["mean"], eu_abs_mean=cross["abs_mean"])
-        if self.save and self.world.is_main and self.output_dir is not None:
-            self._write(K, exact, meta, E, U, contrib)
-        return {k: v for k, v in out.items() if v == v}
+        texts = [bytes(t.tolist()).decode(errors="replace") for t in s["texts"]]
+        return {"values": {k: v for k, v in out.items() if v == v}, "K": K, "exact": exact, "meta": meta,
+                "E": E, "U": U, "contrib": contrib, "texts": texts}
 
-    def _write(self, K, exact, meta, E, U, contrib) -> None:
-        folder = self.output_dir / "fisher"
-        folder.mkdir(parents=True, exist_ok=True)
-        texts = [bytes(t.tolist()).decode(errors="replace") for t in self.stats["texts"]]
-        ids = [t.split("\t", 1)[0] for t in texts]
-        step = self.step
-        np.savez_compressed(
-            folder / f"step_{step}.npz", K_ee=K[E][:, E].numpy(), K_uu=K[U][:, U].numpy(), K_eu=K[E][:, U].numpy(),
-            exact_ee=exact[E][:, E].numpy(), exact_uu=exact[U][:, U].numpy(), exact_eu=exact[E][:, U].numpy(),
-            meta_e=meta[E].numpy(), meta_u=meta[U].numpy(), meta_columns=np.array(META), contrib=contrib.numpy(),
-            u_ids=np.array(ids))
-        order = contrib.argsort(descending=True).tolist()
+    def _log_image(self, res: dict) -> None:
+        """The heatmap to TensorBoard, in the run's event folder (a second event file there)."""
+        from torch.utils.tensorboard import SummaryWriter
 
-        def row(j: int) -> dict:
-            rid, _, text = texts[j].partition("\t")
-            return {"id": rid, "c": float(contrib[j]), "advantage": float(meta[U[j], 4]), "reward": float(meta[U[j], 3]),
-                    "length": int(meta[U[j], 5]), "text": text}
+        if getattr(self, "_writer", None) is None:
+            self._writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"), filename_suffix=".fisher")
+        self._writer.add_image(f"probe/{self.name}/kernel_cosine", heatmap(res), self.step, dataformats="HWC")
+        self._writer.flush()
 
-        top = {"raising": [row(j) for j in order[:5] if contrib[j] > 0],
-               "lowering": [row(j) for j in reversed(order[-5:]) if contrib[j] < 0]}
-        (folder / f"step_{step}_top.json").write_text(json.dumps(top, indent=1))
+
+def cosine(K: torch.Tensor) -> torch.Tensor:
+    d = K.diagonal().clamp(min=1e-300).sqrt()
+    return K / d[:, None] / d[None, :]
+
+
+def heatmap(res: dict) -> np.ndarray:
+    """[H, W, 3] uint8: cos(∇S_t, ∇S_t') over E then U rows, each sorted by prompt."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    meta = res["meta"]
+    order = [int(i) for idx in (res["E"], res["U"]) for i in idx[meta[idx, 2].argsort(stable=True)]]
+    C = cosine(res["K"][order][:, order]).numpy()
+    fig, ax = plt.subplots(figsize=(5, 4.4), dpi=100)
+    im = ax.imshow(C, cmap="RdBu_r", vmin=-1, vmax=1)
+    n_e = len(res["E"])
+    if n_e and len(res["U"]):
+        for f in (ax.axhline, ax.axvline):
+            f(n_e - 0.5, color="k", lw=0.8)
+    ax.set_title(f"cos(∇log π) — E: first {n_e}, then U ({len(res['U'])})", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.canvas.draw()
+    img = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return img
+
+
+def write_results(folder, stem: str, res: dict) -> None:
+    """<stem>.npz (blocks, exactness, per-row metadata, c_j), <stem>_top.json (the training
+    sequences that raised / lowered the entropy most, with their text), <stem>.png (heatmap)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    K, exact, meta, E, U, contrib = (res[k] for k in ("K", "exact", "meta", "E", "U", "contrib"))
+    texts = res["texts"]
+    np.savez_compressed(
+        folder / f"{stem}.npz", K_ee=K[E][:, E].numpy(), K_uu=K[U][:, U].numpy(), K_eu=K[E][:, U].numpy(),
+        exact_ee=exact[E][:, E].numpy(), exact_uu=exact[U][:, U].numpy(), exact_eu=exact[E][:, U].numpy(),
+        meta_e=meta[E].numpy(), meta_u=meta[U].numpy(), meta_columns=np.array(META), contrib=contrib.numpy(),
+        u_ids=np.array([t.split("\t", 1)[0] for t in texts]))
+    order = contrib.argsort(descending=True).tolist()
+
+    def row(j: int) -> dict:
+        rid, _, text = texts[j].partition("\t")
+        return {"id": rid, "c": float(contrib[j]), "advantage": float(meta[U[j], 4]), "reward": float(meta[U[j], 3]),
+                "length": int(meta[U[j], 5]), "text": text}
+
+    top = {"raising": [row(j) for j in order[:5] if contrib[j] > 0],
+           "lowering": [row(j) for j in reversed(order[-5:]) if contrib[j] < 0]}
+    (folder / f"{stem}_top.json").write_text(json.dumps(top, indent=1))
+    import matplotlib.image
+
+    matplotlib.image.imsave(folder / f"{stem}.png", heatmap(res))

@@ -16,7 +16,10 @@ Scale: rank r's loss is the global loss × world size W on its rows, so Γ_p = (
 ∇ℓ_i^local and γ_i = (P·G/W)·∇ℓ_i^local; with these factors the estimates do not depend on W.
 
 Options: ``ema_beta`` (default 0.9), ``group_sizes`` (G' at which to predict B, default
-[2, 4, 8, 16]).
+[2, 4, 8, 16]), ``adam_view`` (default false): the same sums with every squared norm weighted
+by Adam's D = 1/(√v̂ + ε), the metric in which Adam's step is plain SGD (from the optimizer
+state before this step's update, so from step 2 on; D moves slowly, and the EMAs mix steps
+with slightly different D).
 
 | key | meaning |
 |---|---|
@@ -31,6 +34,7 @@ Options: ``ema_beta`` (default 0.9), ``group_sizes`` (G' at which to predict B, 
 | `b_resolved` | 1 when g2_ema > 2·g2_ema_se, else 0: the keys below are logged only then |
 | `b_simple`, `b_simple_seq`, `b_simple_gen` | B_simple = trS_ema / g2_ema in example prompts, in sequences (× G), in generated prompts ((B + 1 − q)/q, exact with kl_beta = 0) |
 | `b_seq_G<k>` | predicted B_simple in sequences at group size k: k·(tr Σ_between + s_w/k) / g2_ema |
+| `adam`, `trS_adam_ema`, `g2_adam_ema`, `b_simple_adam` | with ``adam_view``: 1 when D was available this step, the D-weighted EMAs, and B_simple in prompts in Adam's metric (once resolved) |
 | `time_capture_s` | time in the capture hooks, inside the training backward (slowest rank; `time_s` excludes it) |
 """
 
@@ -40,11 +44,12 @@ import torch
 
 from probes.base import Probe, SetupContext, StepContext
 from probes.capture import LinearCapture
+from probes.functional import fisher as F_fisher
 from probes.functional import gns as F
 from probes.manager import register
 from rl_training.errors import ConfigError
 
-OPTIONS = {"ema_beta", "group_sizes"}
+OPTIONS = {"ema_beta", "group_sizes", "adam_view"}
 
 
 @register
@@ -53,7 +58,8 @@ class GnsProbe(Probe):
 
     def __init__(self, name: str, every_n_steps: int = 1, options: dict | None = None):
         super().__init__(name, every_n_steps, options)
-        self.ema = {k: F.Ema(0.9) for k in ("trS", "g2", "s_w")}  # state exists before setup (resume)
+        # State exists before setup (resume); the Adam-view EMAs are unused without adam_view.
+        self.ema = {k: F.Ema(0.9) for k in ("trS", "g2", "s_w", "trS_adam", "g2_adam")}
 
     def setup(self, ctx: SetupContext) -> None:
         unknown = set(self.options) - OPTIONS
@@ -71,13 +77,17 @@ class GnsProbe(Probe):
         self.capture = LinearCapture(ctx.model, names, self._on_rows)
         for e in self.ema.values():
             e.beta = beta
-        for k in ("P", "sq_groups", "sq_members", "groups", "groups_accepted"):
+        self.adam_view = bool(self.options.get("adam_view", False))
+        for k in ("P", "sq_groups", "sq_members", "groups", "groups_accepted", "sq_groups_adam"):
             self.add_stat(k)
         self.add_stat("g2", reduce="max")  # the synced gradient: the same on every rank
+        self.add_stat("g2_adam", reduce="max")
+        self.add_stat("adam", reduce="min")  # 1 when every rank had Adam's D this step
         self.add_stat("time_capture_s", reduce="max")  # spent inside the training backward (not in time_s)
         self._rows_of_mb: dict = {}
         self._open: dict[tuple[int, str], torch.Tensor] = {}  # partial sums of groups spanning microbatches
-        self._sq_members = self._sq_groups = torch.zeros((), dtype=torch.float64)
+        self._sq_members = self._sq_groups = self._sq_groups_adam = torch.zeros((), dtype=torch.float64)
+        self._D: dict[str, torch.Tensor] | None = None
 
     # -------------------------------------------------------------------------- hooks
     def on_before_microbatch(self, ctx: StepContext) -> None:
@@ -85,6 +95,7 @@ class GnsProbe(Probe):
             return
         if ctx.microbatch_index == 0:
             self._plan_step(ctx.batch)
+            self._D = F_fisher.adam_preconditioner(ctx.optimizer, ctx.trainable()) if self.adam_view else None
         start = ctx.microbatch_index * ctx.cfg.train.microbatch_size
         end = start + len(ctx.microbatch)
         gid = ctx.batch.group_index[start:end]
@@ -112,6 +123,11 @@ class GnsProbe(Probe):
         self.stats["g2"] = float(torch.stack(grads).sum()) if grads else 0.0
         self.stats["sq_members"] += float(self._sq_members)
         self.stats["sq_groups"] += float(self._sq_groups)
+        self.stats["adam"] = float(self._D is not None)
+        if self._D is not None:
+            self.stats["sq_groups_adam"] += float(self._sq_groups_adam)
+            self.stats["g2_adam"] = float(sum((p.grad.double().pow(2) * self._D[n]).sum()
+                                              for n, p in ctx.trainable().items() if p.grad is not None))
         st = ctx.batch.stats
         self.stats["groups"] += float(st.groups)
         self.stats["groups_accepted"] += float(st.groups - st.groups_rejected)
@@ -124,7 +140,7 @@ class GnsProbe(Probe):
         self._group_end = {g: int((gid == g).nonzero().max()) for g in groups}
         self._open = {}
         # Device-side sums: no host sync per module in the backward.
-        self._sq_members = self._sq_groups = torch.zeros((), dtype=torch.float64)
+        self._sq_members = self._sq_groups = self._sq_groups_adam = torch.zeros((), dtype=torch.float64)
         self.stats["P"] += float(len(self._examples))
 
     def _on_rows(self, name: str, rows: torch.Tensor) -> None:
@@ -137,15 +153,22 @@ class GnsProbe(Probe):
             if (g, name) in self._open:
                 total = total + self._open.pop((g, name))
             if ends_here:
-                self._sq_groups = self._sq_groups.to(part.device) + total.pow(2).sum()
+                sq = total.pow(2)
+                self._sq_groups = self._sq_groups.to(part.device) + sq.sum()
+                if self._D is not None:
+                    w = self._D[name].reshape(-1).to(sq.device)
+                    self._sq_groups_adam = self._sq_groups_adam.to(part.device) + (sq * w).sum()
             else:
                 self._open[(g, name)] = total
 
     # -------------------------------------------------------------------------- results
     def on_reduced(self) -> None:
         raw = self._raw()
-        for k in self.ema:
+        for k in ("trS", "g2", "s_w"):
             self.ema[k].update(raw[k])
+        if self.adam_view and self.stats["adam"] > 0:
+            for k in ("trS_adam", "g2_adam"):
+                self.ema[k].update(raw[k])
 
     def _raw(self) -> dict[str, float]:
         s, W, G = self.stats, self.world_size, self.G
@@ -153,8 +176,9 @@ class GnsProbe(Probe):
         sq_groups = (P / W) ** 2 * s["sq_groups"]
         sq_members = (P * G / W) ** 2 * s["sq_members"]
         trS, g2_true = F.noise_and_signal(sq_groups, s["g2"], P)
+        trS_adam, g2_adam = F.noise_and_signal((P / W) ** 2 * s["sq_groups_adam"], s["g2_adam"], P)
         return {"trS": trS, "g2": g2_true, "s_w": F.within_scatter(sq_members, sq_groups, P, G),
-                "sq_groups": sq_groups}
+                "sq_groups": sq_groups, "trS_adam": trS_adam, "g2_adam": g2_adam}
 
     def compute(self) -> dict[str, float]:
         s, G = self.stats, self.G
@@ -172,6 +196,14 @@ class GnsProbe(Probe):
             between = max(trS - s_w / G, 0.0)
             for k in self.group_sizes:
                 out[f"b_seq_G{k}"] = k * (between + max(s_w, 0.0) / k) / g2
+        if self.adam_view:
+            out["adam"] = s["adam"]
+            if self.ema["g2_adam"].steps:
+                trS_a, g2_a = self.ema["trS_adam"].mean, self.ema["g2_adam"].mean
+                out.update(trS_adam_ema=trS_a, g2_adam_ema=g2_a)
+                b_a = F.b_simple(trS_a, g2_a, self.ema["g2_adam"].se)
+                if b_a is not None:
+                    out["b_simple_adam"] = b_a
         return {k: v for k, v in out.items() if v == v}  # nan: not measurable this step (P < 2)
 
     def state_dict(self) -> dict:

@@ -9,7 +9,8 @@ combines:
   included) at learning rate ``lr`` — after which everything is restored;
 - ``ebatch(b_e, key)``: an unfiltered E-batch of held-out prompts × k completions at θ;
 - ``delta_h(delta, ebatch)`` / ``true_change(theta_new, ebatch)``: δH₁ along Δθ and ΔH_true,
-  with the in-loop probe's code (probes/delta_h.py).
+  with the in-loop probe's code (probes/delta_h.py); ``fisher_probe`` for the Fisher kernel
+  between an E-batch and the last update's U-batch (probes/fisher.py).
 
 Keys make every random draw reproducible: the same key gives the same U- or E-batch.
 """
@@ -17,6 +18,7 @@ Keys make every random draw reproducible: the same key gives the same U- or E-ba
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -24,6 +26,8 @@ import torch
 
 from probes.base import SetupContext
 from probes.delta_h import DeltaHProbe
+from probes.fisher import FisherProbe
+from probes.functional.fisher import adam_preconditioner
 from rl_training import checkpoint
 from rl_training.config import config_from_dict, grad_accum, parse_overrides, validate
 from rl_training.dist import DistInfo
@@ -81,10 +85,12 @@ class EntropyExperiment:
         self.theta = {n: p.detach().clone() for n, p in self.trainer.trainable.items()}
         self.probe = DeltaHProbe("offline", 1, {"batch_size": 2 * per_prompt, "completions_per_prompt": per_prompt,
                                                 **({"microbatch_size": microbatch_size} if microbatch_size else {})})
-        tokenizer, prompt_fn = self.trainer.tokenizer, self.trainer.prompt_fn
-        self.probe.setup(SetupContext(self.cfg, self.world, self.model, tokenizer, self.probe.options,
+        self.setup_ctx = SetupContext(self.cfg, self.world, self.model, self.trainer.tokenizer, {},
                                       eval_records=self.session.eval_records, train_records=self.session.train_records,
-                                      prompt_fn=prompt_fn))
+                                      prompt_fn=self.trainer.prompt_fn)
+        self.probe.setup(dataclasses.replace(self.setup_ctx, options=self.probe.options))
+        self.last_batch = None  # the U-batch of the last ``update``
+        self.last_preconditioner = None  # Adam's D = 1/(√v̂ + ε) of the last ``update``
         log.info("loaded %s (step %d)", self.path, self.trainer.step)
 
     # ------------------------------------------------------------------------ U side
@@ -106,7 +112,8 @@ class EntropyExperiment:
             for group in tr.optimizer.param_groups:
                 group["lr"] = lr
             tr.step = 10_000_000 + key  # rollout seeds are keyed by step: a fresh U-batch per key
-            tr.train_step()
+            self.last_batch = tr.train_step().batch
+            self.last_preconditioner = adam_preconditioner(tr.optimizer, tr.trainable)
             return {n: p.detach() - self.theta[n] for n, p in tr.trainable.items()}
         finally:
             with torch.no_grad():
@@ -117,6 +124,13 @@ class EntropyExperiment:
             tr.scheduler.load_state_dict(saved[2])
             tr.step, tr.cfg.train.buffer_size = saved[3], saved[4]
             tr.accum = grad_accum(tr.cfg, self.world.world_size)
+
+    def fisher_probe(self, b_e: int, preconditioner: str) -> FisherProbe:
+        probe = FisherProbe("offline", 1, {"batch_size": b_e, "completions_per_prompt": self.probe.spec.per_prompt,
+                                           "microbatch_size": self.probe.micro, "preconditioner": preconditioner})
+        probe.setup(dataclasses.replace(self.setup_ctx, options=probe.options))
+        probe.reset_stats()
+        return probe
 
     # ------------------------------------------------------------------------ E side
     def ebatch(self, b_e: int, key: int):

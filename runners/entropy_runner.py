@@ -5,6 +5,7 @@
   lr-linearity   per learning rate, N real steps with fresh U-batches; ΔH on a fixed E-batch; linear fit
   batch-scaling  δH₁ mean and SE per B_E over runs; converged or 1/B_E trend
   sanity-check   spread of δH₁ across runs vs the mean reported SE; bias against a large-B_E reference
+  fisher         the Fisher kernel E×U, U×U, E×E of one update, and which U sequences moved the entropy
 
 CKPT is runs/<run>/checkpoints/step_N or a run directory (its latest checkpoint). Results go to
 results/<subcommand>/<name>_<timestamp>/ (config.yaml, log.txt, results.json; runs/<i>/ with
@@ -85,6 +86,10 @@ def parse_args(argv=None):
     p.add_argument("--be", type=int, default=64)
     p.add_argument("--runs", type=int, default=15)
     p.add_argument("--ref-be", type=int, default=None, help="reference B_E (default 4 × --be)")
+    p = sub.add_parser("fisher", help="Fisher kernel between E- and U-batch sequences")
+    common(p)
+    p.add_argument("--be", type=int, default=64)
+    p.add_argument("--preconditioner", choices=("adam", "none"), default="adam")
     return ap.parse_args(argv)
 
 
@@ -200,8 +205,28 @@ def run_sanity_check(exp, args, out: Path) -> dict:
     return result
 
 
+def run_fisher(exp, args, out: Path) -> dict:
+    from probes.fisher import write_results
+
+    lr = args.lr or exp.cfg.train.lr
+    probe = exp.fisher_probe(args.be, args.preconditioner)
+    delta = exp.update(lr, key=args.seed, bu=args.bu)  # the U-batch is that update's
+    n = len(exp.last_batch)
+    D = exp.last_preconditioner if args.preconditioner == "adam" else None
+    held = probe.gradients(exp.model, exp.ebatch(args.be, key=args.seed), exp.last_batch)
+    probe.accumulate(held, D, delta, lr / (n * exp.cfg.rollout.max_new_tokens), step=exp.trainer.step)
+    res = probe.results()
+    write_results(out, "fisher", res)
+    v = res["values"]
+    log.info("U×U diag %.4g, off-diagonal %.4g (same prompt %.4g, other prompts %.4g); E×U mean %.4g",
+             v.get("uu_diag_mean", float("nan")), v.get("uu_offdiag_mean", float("nan")),
+             v.get("uu_same_prompt_mean", float("nan")), v.get("uu_diff_prompt_mean", float("nan")), v.get("eu_mean", float("nan")))
+    log.info("δH₁ of the update %.4g; Σ_j c_j %.4g (ratio %.3f)", v["pred"], v["contrib_sum"], v.get("contrib_ratio", float("nan")))
+    return {"lr": lr, **v}
+
+
 COMMANDS = {"single": run_single, "eta-sweep": run_eta_sweep, "lr-linearity": run_lr_linearity,
-            "batch-scaling": run_batch_scaling, "sanity-check": run_sanity_check}
+            "batch-scaling": run_batch_scaling, "sanity-check": run_sanity_check, "fisher": run_fisher}
 NEEDS_OPTIMIZER = set(COMMANDS)  # every experiment takes a real optimizer step from the checkpoint
 
 
@@ -264,7 +289,7 @@ def main(argv=None) -> int:
     try:
         from probes.offline import EntropyExperiment
 
-        if args.command in ("single", "eta-sweep", "sanity-check") and args.be < 2:
+        if args.command in ("single", "eta-sweep", "sanity-check", "fisher") and args.be < 2:
             raise ConfigError(f"--be must be >= 2, got {args.be}")
         if args.command == "batch-scaling" and min(args.be_values) < 2:
             raise ConfigError(f"--be-values must all be >= 2, got {args.be_values}")

@@ -27,6 +27,7 @@ def _results(out, command):
     (["lr-linearity", "--be", "8", "--learning-rates", "1e-4,1e-3", "--repeats", "2"], ("per_lr", "fit")),
     (["batch-scaling", "--be-values", "4,8,16", "--runs", "2"], ("per_be", "verdict", "limit")),
     (["sanity-check", "--be", "4", "--runs", "3", "--ref-be", "8"], ("calibration_ratio", "bias", "reference")),
+    (["fisher", "--be", "6", "--bu", "4"], ("uu_diag_mean", "eu_mean", "pred", "contrib_sum", "contrib_ratio")),
 ])
 def test_subcommands_write_results(run_dir, tmp_path, argv, checks):
     assert main([*argv, "--checkpoint", str(run_dir), "--output-dir", str(tmp_path), "--quiet"]) == 0
@@ -37,6 +38,14 @@ def test_subcommands_write_results(run_dir, tmp_path, argv, checks):
     if argv[0] == "lr-linearity":
         assert (folder / "entropy_vs_learning_rate.png").stat().st_size > 0 and (folder / "analysis.json").exists()
         assert len(json.loads((folder / "raw_results.json").read_text())) == 4
+    if argv[0] == "fisher":
+        import numpy as np
+
+        with np.load(folder / "fisher.npz") as z:
+            assert z["K_eu"].shape == (6, 4) and z["K_uu"].shape == (4, 4) and z["exact_eu"].all()
+            assert z["contrib"].sum() == pytest.approx(res["contrib_sum"], rel=1e-9)
+        assert res["preconditioned"] == 1.0 and res["n_E"] == 6 and res["n_U"] == 4
+        assert (folder / "fisher.png").stat().st_size > 0 and (folder / "fisher_top.json").exists()
 
 
 def test_update_direction_is_real_step_linear_in_lr_and_restored(run_dir):

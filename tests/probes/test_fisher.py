@@ -132,4 +132,10 @@ def test_blocks_and_top_sequences_are_written(tmp_path):
     assert top["raising"] and top["lowering"]
     assert all(r["c"] > 0 for r in top["raising"]) and all(r["c"] < 0 for r in top["lowering"])
     assert {"id", "text", "advantage", "reward", "length"} <= set(top["raising"][0])
+    assert (run / "fisher" / "step_1.png").stat().st_size > 1000
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert "probe/fk/kernel_cosine" in events.Tags()["images"]
     assert math.isfinite(row["probe/fk/uu_effective_rank"]) and row["probe/fk/exact_frac"] == 1.0

@@ -60,6 +60,37 @@ def test_captured_sums_equal_per_group_and_per_sequence_backward_passes():
     assert logged["trS"] == pytest.approx(trS, rel=1e-4) and logged["g2_true"] == pytest.approx(g2, rel=1e-4, abs=1e-12)
 
 
+def test_adam_view_weights_the_same_sums_by_adams_preconditioner():
+    """Step 2 (Adam has state): Σ_p Γ_p²·D and |g|²·D equal per-group backward passes weighted
+    by D = 1/(√v̂ + ε) of the optimizer state before the update; step 1 has no D."""
+    from probes.functional.fisher import adam_preconditioner
+
+    trainer = _trainer("probes.probes=[{name: gns, kind: gns, options: {adam_view: true}}]", "train.total_steps=2")
+    first = trainer.train_step().metrics
+    assert first["probe/gns/adam"] == 0.0 and "probe/gns/g2_adam_ema" not in first
+    D = adam_preconditioner(trainer.optimizer, trainer.trainable)
+    theta = {n: p.detach().clone() for n, p in trainer.trainable.items()}
+    out = trainer.train_step()
+    probe = trainer.probes.probes[0]
+    assert out.metrics["probe/gns/adam"] == 1.0 and "probe/gns/g2_adam_ema" in out.metrics
+    batch = out.batch
+    with torch.no_grad():
+        for n, p in trainer.trainable.items():
+            p.copy_(theta[n])
+    trainer.policy.train()
+    G = 4
+    examples = [g for g in range(len(batch) // G) if bool((batch.advantages[g * G:(g + 1) * G] != 0).any())]
+
+    def weighted(grads):
+        return sum(float((g.double().pow(2) * D[n]).sum()) for n, g in grads.items())
+
+    want_groups = sum(weighted(_grad_sq(trainer, batch, slice(g * G, (g + 1) * G))[1]) for g in examples)
+    want_full = weighted(_grad_sq(trainer, batch, slice(0, len(batch)))[1])
+    assert probe.stats["sq_groups_adam"] == pytest.approx(want_groups, rel=1e-5)
+    assert probe.stats["g2_adam"] == pytest.approx(want_full, rel=1e-5)
+    assert want_groups != pytest.approx(probe.stats["sq_groups"], rel=1e-2), "D is not 1"
+
+
 def test_training_gradient_is_unchanged_by_the_captures():
     def step(probes):
         trainer = _trainer(probes)
