@@ -17,6 +17,7 @@ import torch
 
 from probes.ebatch import EBatchSource
 from probes.stats import StatSet
+from rl_training.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,11 @@ class Probe:
 
     def reset_stats(self) -> None:
         self.statset.reset()
+
+    def check_options(self, allowed: set[str]) -> None:
+        unknown = set(self.options) - allowed
+        if unknown:
+            raise ConfigError(f"probe '{self.name}': unknown option(s) {sorted(unknown)} (valid: {sorted(allowed)})")
 
     def is_due(self, step: int) -> bool:
         return step % self.every_n_steps == 0

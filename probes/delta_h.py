@@ -48,7 +48,7 @@ import time
 import torch
 
 from probes.base import Probe, SetupContext, StepContext
-from probes.ebatch import EBatch, EBatchSpec
+from probes.ebatch import EBatch, EBatchSpec, spec_from_options
 from probes.evaluation import PRECISIONS, PolicyEvaluator
 from probes.functional import delta_h as F
 from probes.manager import register
@@ -67,12 +67,9 @@ class DeltaHProbe(Probe):
     needs_param_snapshot = True
 
     def setup(self, ctx: SetupContext) -> None:
-        unknown = set(self.options) - OPTIONS
-        if unknown:
-            raise ConfigError(f"probe '{self.name}': unknown option(s) {sorted(unknown)} (valid: {sorted(OPTIONS)})")
+        self.check_options(OPTIONS)
         cfg = ctx.cfg
-        self.spec = EBatchSpec(str(self.options.get("pool", "eval")), int(self.options.get("batch_size", 16)),
-                               int(self.options.get("completions_per_prompt", 2)))
+        self.spec = spec_from_options(self.options, batch_size=16)
         self.micro = int(self.options.get("microbatch_size", cfg.train.microbatch_size))
         self.precision = self.options.get("precision", "auto")
         if self.precision not in PRECISIONS:

@@ -29,6 +29,12 @@ class EBatchSpec:
     per_prompt: int = 2  # k, completions per prompt
 
 
+def spec_from_options(options: dict, batch_size: int) -> EBatchSpec:
+    """A probe's ``pool``, ``batch_size`` and ``completions_per_prompt`` options (defaults: eval, the given B_E, 2)."""
+    return EBatchSpec(str(options.get("pool", "eval")), int(options.get("batch_size", batch_size)),
+                      int(options.get("completions_per_prompt", 2)))
+
+
 @dataclass
 class EBatch:
     completions: Completions | None  # this rank's rows (None: this rank holds no prompt)

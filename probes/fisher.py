@@ -56,7 +56,7 @@ import torch
 
 from probes.base import Probe, SetupContext, StepContext
 from probes.capture import LinearCapture
-from probes.ebatch import EBatchSpec
+from probes.ebatch import spec_from_options
 from probes.evaluation import eval_mode
 from probes.functional import delta_h as DH
 from probes.functional import fisher as F
@@ -79,12 +79,9 @@ class FisherProbe(Probe):
     needs_param_snapshot = True
 
     def setup(self, ctx: SetupContext) -> None:
-        unknown = set(self.options) - OPTIONS
-        if unknown:
-            raise ConfigError(f"probe '{self.name}': unknown option(s) {sorted(unknown)} (valid: {sorted(OPTIONS)})")
+        self.check_options(OPTIONS)
         o, cfg = self.options, ctx.cfg
-        self.spec = EBatchSpec(str(o.get("pool", "eval")), int(o.get("batch_size", 8)),
-                               int(o.get("completions_per_prompt", 2)))
+        self.spec = spec_from_options(o, batch_size=8)
         self.ebatches = ctx.ebatches
         self.ebatches.check(self.spec, f"probe '{self.name}'")
         self.precondition = str(o.get("preconditioner", "adam"))

@@ -62,9 +62,7 @@ class GnsProbe(Probe):
         self.ema = {k: F.Ema(0.9) for k in ("trS", "g2", "s_w", "trS_adam", "g2_adam")}
 
     def setup(self, ctx: SetupContext) -> None:
-        unknown = set(self.options) - OPTIONS
-        if unknown:
-            raise ConfigError(f"probe '{self.name}': unknown option(s) {sorted(unknown)} (valid: {sorted(OPTIONS)})")
+        self.check_options(OPTIONS)
         beta = float(self.options.get("ema_beta", 0.9))
         if not 0.0 <= beta < 1.0:
             raise ConfigError(f"probe '{self.name}': ema_beta must be in [0, 1), got {beta}")

@@ -277,8 +277,8 @@ def load_trainer_state(path: Path) -> dict:
     return torch.load(path / TRAINER_STATE_FILE, weights_only=True)
 
 
-def load_into(path: Path, *, model, optimizer, lr_scheduler) -> dict:
-    """Load adapter weights, optimizer and LR scheduler in place; return the trainer state."""
+def load_adapter(path: Path, model) -> None:
+    """The checkpoint's LoRA weights into ``model`` (a PeftModel), in place."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -286,6 +286,11 @@ def load_into(path: Path, *, model, optimizer, lr_scheduler) -> dict:
     result = set_peft_model_state_dict(model, weights)
     unexpected = getattr(result, "unexpected_keys", [])
     assert not unexpected, f"adapter keys not in the model: {unexpected[:3]}"
+
+
+def load_into(path: Path, *, model, optimizer, lr_scheduler) -> dict:
+    """Load adapter weights, optimizer and LR scheduler in place; return the trainer state."""
+    load_adapter(path, model)
     optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, weights_only=True))
     lr_scheduler.load_state_dict(torch.load(path / LR_SCHEDULER_FILE, weights_only=True))
     return load_trainer_state(path)

@@ -49,7 +49,7 @@ def exact_run(tmp_path_factory):
     trainer = build_session(load_config(run / "config.yaml"), DistInfo()).trainer  # θ_0 as in the run
     model = trainer.policy.double().eval()
     probe = next(p for p in trainer.probes.probes if p.kind == "delta_h")
-    prompts = [trainer.tokenizer(trainer.prompt_fn(r.question), add_special_tokens=False)["input_ids"] for r in probe.pool]
+    prompts = [trainer.tokenizer(trainer.prompt_fn(r.question), add_special_tokens=False)["input_ids"] for r in probe.ebatches.pool(probe.spec)]
     always = torch.tensor(StopRule(trainer.tokenizer, eos_token_ids(model, trainer.tokenizer), STOP_STRINGS).always)
     T = trainer.cfg.rollout.temperature
 

@@ -191,18 +191,22 @@ def test_sketch_inner_products_are_unbiased_with_the_stated_variance():
 # ---------------------------------------------------------------- sketch: memory
 
 _MEMORY = """
-import json, resource, time, torch
+import json, time, torch
 torch.set_num_threads(1)
 from probes.functional.fisher import GaussianSketch
 rows = torch.randn(2, 2**22, generator=torch.Generator().manual_seed(0))
 s = GaussianSketch(0, 256)
-def rss_kib():
+def status_kib(key):
     with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
-before, t0 = rss_kib(), time.perf_counter()
+        return next(int(l.split()[1]) for l in f if l.startswith(key + ":"))
+# Not ru_maxrss: Linux carries the forked parent's peak (the test process, GBs) across exec.
+# VmHWM is this image's own peak; "5" to clear_refs resets it to the current RSS.
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+before, t0 = status_kib("VmRSS"), time.perf_counter()
 out = s.project("model.layers.0.mlp.lora_A.weight", rows)
 seconds = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = status_kib("VmHWM")
 norm_ratio = ((out ** 2).sum(1) / (rows.double() ** 2).sum(1)).tolist()
 print(json.dumps({"growth_kib": peak - before, "seconds": seconds, "norm_ratio": norm_ratio}))
 """
