@@ -285,6 +285,8 @@ def summarize(history: list[dict], seconds: float, step: int) -> dict:
         return sum(xs) / len(xs) if xs else float("nan")
 
     rewards = col("rollout/reward_mean")
+    probe_times = [sum(v for k, v in h.items() if k.startswith("probe/") and k.endswith("/time_s")) for h in history]
+    first_step = step - len(history) + 1
     return {
         "steps": step,
         "steps_this_run": len(history),
@@ -295,14 +297,20 @@ def summarize(history: list[dict], seconds: float, step: int) -> dict:
         "reward_mean": mean(rewards),
         "pass_rate_mean": mean(col("rollout/pass_rate")),
         "groups_rejected_frac_mean": mean(col("rollout/groups_rejected_frac")),
+        "entropy_first": (col("train/entropy") or [None])[0],
         "entropy_last": (col("train/entropy") or [None])[-1],
         "tokens_per_s_mean": mean(col("time/tokens_per_s")),
-        # The last value each probe key had (probes are due every N steps, B_simple once resolved).
+        "time_mean_s": {"step": mean(col("time/step_s")), "rollout": mean(col("time/rollout_s")),
+                        "probes": mean(probe_times)},
+        # The last value each probe key had (probes are due every N steps, B_simple once resolved),
+        # and the step it is from.
         "probes_last": {k: col(k)[-1] for k in sorted({k for h in history for k in h if _summary_key(k)})},
+        "probes_last_step": {k: first_step + max(i for i, h in enumerate(history) if k in h)
+                             for k in sorted({k for h in history for k in h if _summary_key(k)})},
     }
 
 
 def _summary_key(key: str) -> bool:
     name = key.rsplit("/", 1)[-1]
     return key.startswith("probe/") and name in ("pred", "pred_se", "true", "true_se", "pred_stop", "b_simple",
-                                                 "b_simple_seq", "loss_ess_frac")
+                                                 "b_simple_seq", "b_resolved", "loss_ess_frac", "contrib_ratio")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from typing import Callable
 
 from rl_training import dist
 from rl_training.errors import UserError
+from rl_training.summary_text import format_summary
 
 
 def run_main(body: Callable[[], tuple]) -> int:
@@ -22,9 +22,7 @@ def run_main(body: Callable[[], tuple]) -> int:
     finally:
         dist.shutdown()
     if world.is_main:
-        print(json.dumps(summary, indent=2))
-        print(f"run directory: {session.run_dir}")
-        print(f"TensorBoard:   tensorboard --logdir {session.run_dir / 'tensorboard'}")
+        print(format_summary(summary, session.run_dir))
     return 0
 
 
