@@ -19,40 +19,47 @@ def _probe(summary: dict, kind: str, key: str):
     return None, None
 
 
-def format_summary(summary: dict, run_dir: Path | None) -> str:
+def summary_rows(summary: dict) -> list[tuple[str, str]]:
+    """(label, value) rows of the table; rows of probes the run did not have are left out."""
     t = summary.get("time_mean_s", {})
     step_s, rollout_s, probes_s = t.get("step"), t.get("rollout"), t.get("probes")
-    lines = [f"Dr-GRPO: {summary['steps']} steps ({summary['steps_this_run']} in this run), "
-             f"{_num(summary['seconds'] / 60, '.1f')} min",
-             f"  reward            {_num(summary.get('reward_first'))} → {_num(summary.get('reward_last'))}"
-             f"   (pass rate, mean over steps: {_num(summary.get('pass_rate_mean'))})",
-             f"  entropy / token   {_num(summary.get('entropy_first'))} → {_num(summary.get('entropy_last'))}"]
+    rows = [("reward", f"{_num(summary.get('reward_first'))} → {_num(summary.get('reward_last'))}"
+                       f"   (pass rate, mean over steps: {_num(summary.get('pass_rate_mean'))})"),
+            ("entropy / token", f"{_num(summary.get('entropy_first'))} → {_num(summary.get('entropy_last'))}")]
     pred, step = _probe(summary, "delta_h", "pred")
     if pred is not None:
         pred_se, _ = _probe(summary, "delta_h", "pred_se")
         true, _ = _probe(summary, "delta_h", "true")
         true_se, _ = _probe(summary, "delta_h", "true_se")
-        lines.append(f"  δH₁ (step {step})    {_num(pred)} ± {_num(pred_se, '.2g')}   measured ΔH {_num(true)} ± "
-                     f"{_num(true_se, '.2g')}   (nats per sequence)")
+        rows.append((f"δH₁ (step {step})", f"{_num(pred)} ± {_num(pred_se, '.2g')}   measured ΔH {_num(true)} ± "
+                                           f"{_num(true_se, '.2g')}   (nats per sequence)"))
     b, step = _probe(summary, "gns", "b_simple")
     resolved, _ = _probe(summary, "gns", "b_resolved")
     if b is not None:
         b_seq, _ = _probe(summary, "gns", "b_simple_seq")
-        lines.append(f"  GNS B_simple      {_num(b)} prompts = {_num(b_seq)} sequences (step {step})")
+        rows.append(("GNS B_simple", f"{_num(b)} prompts = {_num(b_seq)} sequences (step {step})"))
     elif resolved is not None:
-        lines.append("  GNS B_simple      not resolved yet (the gradient signal is within 2 SE of 0)")
+        rows.append(("GNS B_simple", "not resolved yet (the gradient signal is within 2 SE of 0)"))
     ess, _ = _probe(summary, "ess", "loss_ess_frac")
     if ess is not None:
-        lines.append(f"  ESS of the loss   {_num(ess)} of the batch (last step)")
+        rows.append(("ESS of the loss", f"{_num(ess)} of the batch (last step)"))
     ratio, step = _probe(summary, "fisher", "contrib_ratio")
     if ratio is not None:
-        lines.append(f"  Fisher Σc_j/δH₁   {_num(ratio)} (step {step}; fisher/step_{step}_top.json: the sequences that moved H)")
+        rows.append(("Fisher Σc_j/δH₁", f"{_num(ratio)} (step {step}; fisher/step_{step}_top.json: the sequences that moved H)"))
     if step_s is not None and math.isfinite(step_s):
         rest = step_s - (rollout_s or 0) - (probes_s or 0)
-        lines.append(f"  time / step       {_num(step_s, '.1f')} s: rollout {_num(rollout_s, '.1f')}, "
-                     f"probes {_num(probes_s, '.1f')}, training and the rest {_num(rest, '.1f')}")
+        rows.append(("time / step", f"{_num(step_s, '.1f')} s: rollout {_num(rollout_s, '.1f')}, probes "
+                                    f"{_num(probes_s, '.1f')}, training and the rest {_num(rest, '.1f')}"))
+    return rows
+
+
+def format_summary(summary: dict, run_dir: Path | None) -> str:
+    lines = [f"Dr-GRPO: {summary['steps']} steps ({summary['steps_this_run']} in this run), "
+             f"{_num(summary['seconds'] / 60, '.1f')} min"]
+    lines += [f"  {label:<16}  {value}" for label, value in summary_rows(summary)]
     if run_dir is not None:
         lines += [f"run directory: {run_dir}  (summary.json, logs/train_log.jsonl)",
                   f"TensorBoard:   tensorboard --logdir {run_dir / 'tensorboard'}",
-                  f"evaluate:      rl-eval --run-dir {run_dir}"]
+                  f"evaluate:      rl-eval --run-dir {run_dir}",
+                  f"report:        rl-report --run-dir {run_dir}"]
     return "\n".join(lines)

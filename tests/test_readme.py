@@ -44,7 +44,7 @@ APPEND = {
                                   "train.buffer_size=8", "rollout.prompts_per_round=2", "rollout.filter_groups=false",
                                   "logging.progress_bar=false"],
 }
-RUNNABLE = {"rl-train", "rl-resume", "rl-entropy", "rl-eval", "torchrun"}
+RUNNABLE = {"rl-train", "rl-resume", "rl-entropy", "rl-eval", "rl-report", "torchrun"}
 SLOW = ("torchrun", "smollm2")  # multi-process, or a real model
 
 
@@ -120,7 +120,7 @@ def trained_run(tmp_path_factory) -> Path:
 
 def test_readme_has_commands():
     programs = {argv[0] for argv in COMMANDS}
-    assert {"make", "rl-train", "rl-resume", "rl-entropy", "rl-eval"} <= programs, programs
+    assert {"make", "rl-train", "rl-resume", "rl-entropy", "rl-eval", "rl-report"} <= programs, programs
 
 
 @pytest.mark.parametrize("argv", [_param(a) for a in COMMANDS])

@@ -10,17 +10,17 @@ from tests.helpers.runs import run_in_process, train_log
 
 def test_the_end_of_a_run_prints_a_readable_table(tmp_path, capsys):
     run = run_in_process(tmp_path, "train.total_steps=2")
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())  # spacing is layout
     rows = train_log(run)
     summary = json.loads((run / "summary.json").read_text())
     assert "{" not in out, "a table, not the JSON"
-    assert f"reward            {rows[0]['rollout/reward_mean']:.3g} → {rows[-1]['rollout/reward_mean']:.3g}" in out
-    assert f"δH₁ (step 2)    {rows[-1]['probe/delta_h/pred']:.3g} ± {rows[-1]['probe/delta_h/pred_se']:.2g}" in out
+    assert f"reward {rows[0]['rollout/reward_mean']:.3g} → {rows[-1]['rollout/reward_mean']:.3g}" in out
+    assert f"δH₁ (step 2) {rows[-1]['probe/delta_h/pred']:.3g} ± {rows[-1]['probe/delta_h/pred_se']:.2g}" in out
     assert f"measured ΔH {rows[-1]['probe/delta_h/true']:.3g}" in out
     assert "GNS B_simple" in out and "ESS of the loss" in out and "Fisher Σc_j/δH₁" in out
     step_s = sum(r["time/step_s"] for r in rows) / 2
-    assert f"time / step       {step_s:.1f} s" in out
-    assert f"run directory: {run}" in out and f"rl-eval --run-dir {run}" in out
+    assert f"time / step {step_s:.1f} s" in out
+    assert f"run directory: {run}" in out and f"rl-eval --run-dir {run}" in out and f"rl-report --run-dir {run}" in out
     assert summary["probes_last_step"]["probe/delta_h/pred"] == 2
     assert summary["time_mean_s"]["probes"] > 0
 
