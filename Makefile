@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-fast lint bench clean
 
 # setup.cfg declares version ranges; constraints.txt pins the tested versions (torch==2.13.0,
 # so pip takes the CPU build on this disk, never a CUDA build).
@@ -29,6 +29,9 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)  # every bench/ script in one run (≈ 30 min on 2 CPU cores): bench/results.json + the README table
+	$(PY) bench/run_all.py --readme
 
 clean:
 	rm -rf $(VENV) *.egg-info

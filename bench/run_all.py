@@ -1,0 +1,114 @@
+"""Every benchmark in one run (``make bench``): bench/results.json and one Markdown table.
+
+Runs each bench script in turn as its own process (one at a time: they time the same cores),
+reads the JSON each writes, and puts the ratios side by side with the machine they were
+measured on. ``--readme`` replaces the table between the README's bench markers.
+
+    python bench/run_all.py --readme            # ≈ 30 min on 2 CPU cores
+    python bench/run_all.py --table-only        # rebuild the table from bench/results/*.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+README = REPO / "README.md"
+BEGIN, END = "<!-- bench-table:begin -->", "<!-- bench-table:end -->"
+
+# name -> argv after the script (each writes RESULTS/<name>.json)
+BENCHES = {
+    "step_vs_trl": ["bench/step_vs_trl.py", "--rounds", "3"],
+    "probe_cost": ["bench/probe_cost.py", "--steps", "3", "--be", "8"],
+    "gns_cost": ["bench/probe_cost.py", "--probes", "gns,ess", "--steps", "5"],
+    "fisher_cost": ["bench/fisher_cost.py", "--rounds", "3"],
+}
+
+
+def machine() -> dict:
+    import torch
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+
+
+def rows(results: dict) -> list[tuple[str, str, str]]:
+    """(what, ratio, how it is measured) for every bench that has a result."""
+    out = []
+    if "step_vs_trl" in results:
+        s = results["step_vs_trl"]["summary"]
+        out.append(("time per step, ours / TRL GRPOTrainer (dr_grpo)", f"{s['ratio_ours_over_trl_s_per_step']:.3f}",
+                     "SmolLM2 + LoRA r16, 4 prompts × 4, alternated rounds"))
+        out.append(("tokens per second, ours / TRL", f"{s['ratio_ours_over_trl_tokens_per_s']:.3f}", "same runs"))
+    if "probe_cost" in results:
+        r = results["probe_cost"]
+        out.append((f"δH probe (B_E {r['be']}), extra time / bare step", f"{r['overhead_ratio']:.2f}",
+                    "alternated steps, medians"))
+    if "gns_cost" in results:
+        r = results["gns_cost"]
+        out.append(("gns + ess probes, extra time / bare step", f"{r['overhead_ratio']:+.3f}", "ABBA steps, medians"))
+    if "fisher_cost" in results:
+        r = results["fisher_cost"]
+        out.append((f"exact Fisher kernel ({r['sequences']} seq.) / one plain forward+backward",
+                    f"{r['kernel_over_plain']:.2f}", "rotated rounds, medians"))
+        out.append(("per-sequence loop / exact kernel", f"{r['loop_over_kernel']:.2f}", "same rounds"))
+    return out
+
+
+def table(results: dict, info: dict) -> str:
+    lines = [f"Measured with `make bench` on {info['device']} ({info['cpus']} CPUs, {info['processor']}), "
+             f"torch {info['torch']}, {info.get('date', '')}:", "",
+             "| measure | ratio | how |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows(results)]
+    return "\n".join(lines)
+
+
+def update_readme(text: str) -> None:
+    readme = README.read_text()
+    if BEGIN not in readme or END not in readme:
+        raise SystemExit(f"README has no {BEGIN} … {END} markers")
+    head, rest = readme.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    README.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default=None, help="comma-separated bench names (default: all)")
+    ap.add_argument("--table-only", action="store_true", help="no runs: the table from the JSON already there")
+    ap.add_argument("--readme", action="store_true", help="write the table into README.md")
+    args = ap.parse_args()
+    names = args.only.split(",") if args.only else list(BENCHES)
+    unknown = set(names) - set(BENCHES)
+    if unknown:
+        raise SystemExit(f"unknown bench(es) {sorted(unknown)}; known: {sorted(BENCHES)}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    seconds = {}
+    if not args.table_only:
+        for name in names:
+            t0 = time.perf_counter()
+            cmd = [sys.executable, *BENCHES[name], "--out", str(RESULTS / f"{name}.json")]
+            print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+            subprocess.run(cmd, cwd=REPO, check=True)
+            seconds[name] = time.perf_counter() - t0
+    results = {n: json.loads((RESULTS / f"{n}.json").read_text()) for n in BENCHES if (RESULTS / f"{n}.json").is_file()}
+    info = {**machine(), "date": time.strftime("%Y-%m-%d")}
+    text = table(results, info)
+    (REPO / "bench" / "results.json").write_text(json.dumps(
+        {"machine": info, "seconds": seconds, "rows": rows(results), "results": results}, indent=1, default=str))
+    print(text)
+    if args.readme:
+        update_readme(text)
+
+
+if __name__ == "__main__":
+    main()

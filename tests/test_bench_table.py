@@ -1,0 +1,45 @@
+"""bench/run_all.py: the table from the benches' JSON, and its place in the README."""
+
+import importlib.util
+
+import pytest
+
+from tests.helpers.runs import REPO
+
+spec = importlib.util.spec_from_file_location("run_all", REPO / "bench" / "run_all.py")
+run_all = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(run_all)
+
+RESULTS = {
+    "step_vs_trl": {"summary": {"ratio_ours_over_trl_s_per_step": 0.787, "ratio_ours_over_trl_tokens_per_s": 1.08}},
+    "probe_cost": {"be": 8, "overhead_ratio": 1.104},
+    "gns_cost": {"overhead_ratio": 0.0042},
+    "fisher_cost": {"sequences": 16, "kernel_over_plain": 1.17, "loop_over_kernel": 0.85},
+}
+INFO = {"device": "cpu", "cpus": 2, "processor": "x86_64", "torch": "2.13.0", "date": "2026-11-30"}
+
+
+def test_table_has_one_row_per_ratio():
+    text = run_all.table(RESULTS, INFO)
+    assert "| time per step, ours / TRL GRPOTrainer (dr_grpo) | 0.787 |" in text
+    assert "| δH probe (B_E 8), extra time / bare step | 1.10 |" in text
+    assert "| gns + ess probes, extra time / bare step | +0.004 |" in text
+    assert "| per-sequence loop / exact kernel | 0.85 |" in text
+    assert text.count("\n| ") == 1 + 6 and "on cpu (2 CPUs" in text
+    assert run_all.rows({}) == []
+
+
+def test_readme_table_is_replaced_between_markers(tmp_path, monkeypatch):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{run_all.BEGIN}\nold table\n{run_all.END}\nafter\n")
+    monkeypatch.setattr(run_all, "README", readme)
+    run_all.update_readme("new table")
+    assert readme.read_text() == f"intro\n{run_all.BEGIN}\nnew table\n{run_all.END}\nafter\n"
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit):
+        run_all.update_readme("x")
+
+
+def test_the_readme_has_the_markers():
+    text = (REPO / "README.md").read_text()
+    assert text.count(run_all.BEGIN) == 1 and text.count(run_all.END) == 1
