@@ -19,7 +19,10 @@ and F = Σ_t w_t ∇f_t (w_t: the pool-mean weights of the δH estimate), the lo
 ratio 1 is Σ_j −A_j ∇S_j/(N·L), so for an SGD step of size η, δH₁ = Σ_j c_j with
 c_j = η·A_j/(N·L)·⟨F, D∇S_j⟩. `pred` = ⟨F, Δθ⟩ with the real Δθ; `contrib_ratio` =
 Σ_j c_j / pred is 1 for SGD (and for Adam's first step without weight decay), and otherwise
-says how much momentum, the KL term, clipping and weight decay change the picture.
+says how much momentum, the KL term, clipping and weight decay change the picture. The
+surrogate's leave-one-out baseline is taken over the rank's E rows: at one rank `pred` equals
+the δH probe's δH₁ on the same E-batch (tested); at several ranks it is the same estimand with a
+slightly different (still row-independent) baseline.
 
 Memory: the rank's per-sequence gradients, (B_E/W + buffer/W + 1) × trainable parameters in
 float32, are held between the backward and the update.
