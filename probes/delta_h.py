@@ -52,11 +52,9 @@ from probes.ebatch import EBatch, EBatchSpec, spec_from_options
 from probes.evaluation import PRECISIONS, PolicyEvaluator
 from probes.functional import delta_h as F
 from probes.manager import register
-from rl_training.data.prompts import STOP_STRINGS
 from rl_training.errors import ConfigError
 from rl_training.policy import microbatches
-from rl_training.sampling import eos_token_ids
-from rl_training.stops import StopRule
+
 
 OPTIONS = {"batch_size", "completions_per_prompt", "microbatch_size", "pool", "precision"}
 
@@ -79,7 +77,7 @@ class DeltaHProbe(Probe):
         self.pool_size = len(self.ebatches.pool(self.spec))
         self.cfg = cfg
         self.l_budget = cfg.rollout.max_new_tokens
-        self.stop_rule = StopRule(ctx.tokenizer, eos_token_ids(ctx.model, ctx.tokenizer), STOP_STRINGS)
+        self.stop_rule = ctx.ebatches.stop_rule(ctx.model)
         self._evaluator = None
         self._ebatch = None
         self.add_stat("tables", reduce="cat")  # [B, F, L] TokenTable rows of each microbatch

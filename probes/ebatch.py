@@ -17,7 +17,8 @@ import torch
 from rl_training.data.prompts import STOP_STRINGS
 from rl_training.errors import ConfigError
 from rl_training.policy import TokenBatch
-from rl_training.sampling import Completions, sample, stable_seed
+from rl_training.sampling import Completions, eos_token_ids, sample, stable_seed
+from rl_training.stops import StopRule
 
 POOLS = ("eval", "train")
 
@@ -59,17 +60,30 @@ def ebatch_plan(pool_size: int, batch_size: int, per_prompt: int, seed: int, ste
 
 
 class EBatchSource:
-    """Samples E-batches for the probes of a run; ``generations`` counts calls that generated."""
+    """Samples E-batches for the probes of a run; ``generations`` counts calls that generated.
 
-    def __init__(self, cfg, world, tokenizer, prompt_fn, pools: dict[str, list]):
+    ``stop_strings`` is part of the sampled policy (where a completion ends): the trainer's
+    rollouts stop at ``STOP_STRINGS``; a host trainer that stops at EOS only passes ().
+    """
+
+    def __init__(self, cfg, world, tokenizer, prompt_fn, pools: dict[str, list],
+                 stop_strings: tuple[str, ...] = STOP_STRINGS):
         self.cfg, self.world, self.tokenizer, self.prompt_fn = cfg, world, tokenizer, prompt_fn
         self.pools = pools
+        self.stop_strings = tuple(stop_strings)
         self.generations = 0
+        self._stop_rule: StopRule | None = None
         self._step: int | None = None
         self._cache: dict[EBatchSpec, EBatch] = {}
 
     def pool(self, spec: EBatchSpec) -> list:
         return self.pools[spec.pool]
+
+    def stop_rule(self, model) -> StopRule:
+        """The stop sets of this sampler's completions (built once: it decodes the vocabulary)."""
+        if self._stop_rule is None:
+            self._stop_rule = StopRule(self.tokenizer, eos_token_ids(model, self.tokenizer), self.stop_strings)
+        return self._stop_rule
 
     def check(self, spec: EBatchSpec, who: str) -> None:
         """A spec that gives a standard error: ≥ 2 prompts, or the whole pool with ≥ 2 completions."""
@@ -108,6 +122,6 @@ class EBatchSource:
             [self.prompt_fn(pool[p].question) for p, _ in rows],
             [stable_seed(seed, "ebatch", step, p, j) for p, j in rows],
             max_new_tokens=self.cfg.rollout.max_new_tokens, temperature=self.cfg.rollout.temperature,
-            stop_strings=STOP_STRINGS, max_prompt_tokens=self.cfg.data.max_prompt_tokens,
+            stop_strings=self.stop_strings, max_prompt_tokens=self.cfg.data.max_prompt_tokens,
         ) if rows else None
         return EBatch(comps, torch.tensor([p for p, _ in rows], dtype=torch.long))

@@ -16,10 +16,11 @@ rank everything is exact and nothing is sketched.
 Which training sequences move the entropy (DESIGN.md): with f_t the Rao–Blackwellised surrogate
 of E-sequence t (``rb_surrogate``: its derivative along Δθ is the δH probe's per-sequence δH₁)
 and F = Σ_t w_t ∇f_t (w_t: the pool-mean weights of the δH estimate), the loss gradient at PPO
-ratio 1 is Σ_j −A_j ∇S_j/(N·L), so for an SGD step of size η, δH₁ = Σ_j c_j with
-c_j = η·A_j/(N·L)·⟨F, D∇S_j⟩. `pred` = ⟨F, Δθ⟩ with the real Δθ; `contrib_ratio` =
-Σ_j c_j / pred is 1 for SGD (and for Adam's first step without weight decay), and otherwise
-says how much momentum, the KL term, clipping and weight decay change the picture. The
+ratio 1 is Σ_j −A_j ∇S_j/(N·L), so for an SGD step of size η on the gradient clipped by the
+factor c (1 when not clipped), δH₁ = Σ_j c_j with c_j = η·c·A_j/(N·L)·⟨F, D∇S_j⟩. `pred` = ⟨F, Δθ⟩
+with the real Δθ; `contrib_ratio` = Σ_j c_j / pred is 1 for SGD (and for Adam's first step
+without weight decay, clipped or not), and otherwise says how much momentum, the KL term and
+weight decay change the picture. The
 surrogate's leave-one-out baseline is taken over the rank's E rows: at one rank `pred` equals
 the δH probe's δH₁ on the same E-batch (tested); at several ranks it is the same estimand with a
 slightly different (still row-independent) baseline.
@@ -65,10 +66,8 @@ from probes.functional import delta_h as DH
 from probes.functional import fisher as F
 from probes.manager import register
 from rl_training import policy
-from rl_training.data.prompts import STOP_STRINGS
 from rl_training.errors import ConfigError
-from rl_training.sampling import eos_token_ids, stable_seed
-from rl_training.stops import StopRule
+from rl_training.sampling import stable_seed
 
 OPTIONS = {"batch_size", "completions_per_prompt", "pool", "microbatch_size", "preconditioner", "sketch_dim",
            "top_eigenvalues", "save"}
@@ -98,7 +97,7 @@ class FisherProbe(Probe):
         self.cfg, self.world = cfg, ctx.world
         self.names = [n for n, p in ctx.model.named_parameters() if p.requires_grad]
         self.capture = LinearCapture(ctx.model, set(self.names), self._on_rows)
-        self.stop_rule = StopRule(ctx.tokenizer, eos_token_ids(ctx.model, ctx.tokenizer), STOP_STRINGS)
+        self.stop_rule = ctx.ebatches.stop_rule(ctx.model)
         for key in ("local", "sketch", "meta", "texts"):
             self.add_stat(key, reduce="cat")
         self.add_stat("pred")
@@ -114,14 +113,17 @@ class FisherProbe(Probe):
         if ctx.epoch > 0:
             return
         self._held = self.gradients(ctx.model, self.ebatches.get(ctx.model, ctx.step, self.spec), ctx.batch)
+        grads = [p.grad.double().pow(2).sum() for p in ctx.trainable().values() if p.grad is not None]
+        norm = float(torch.stack(grads).sum().sqrt()) if grads else 0.0
+        self._held["clip"] = F.clip_coefficient(norm, ctx.cfg.train.grad_clip)
 
     def on_after_optimizer_step(self, ctx: StepContext) -> None:
         if ctx.epoch > 0 or self._held is None:
             return
         held, self._held = self._held, None
         D = F.adam_preconditioner(ctx.optimizer, ctx.trainable()) if self.precondition == "adam" else None
-        self.accumulate(held, D, ctx.delta_theta(), ctx.lr / (ctx.cfg.train.buffer_size * ctx.cfg.rollout.max_new_tokens),
-                        ctx.step)
+        scale = ctx.lr * held["clip"] / (ctx.cfg.train.buffer_size * ctx.cfg.rollout.max_new_tokens)
+        self.accumulate(held, D, ctx.delta_theta(), scale, ctx.step)
 
     # -------------------------------------------------------------------------- the two halves
     def gradients(self, model, ebatch, batch) -> dict:
@@ -135,7 +137,8 @@ class FisherProbe(Probe):
 
     def accumulate(self, held: dict, D: dict | None, delta: dict, scale: float, step: int) -> None:
         """After the update: this rank's exact block, its sketch (several ranks), ⟨F, Δθ⟩;
-        ``scale`` = η/(N·L) of the update's loss (N sequences over all ranks, L the token budget)."""
+        ``scale`` = η·c/(N·L) of the update's loss (N sequences over all ranks, L the token budget,
+        c the gradient clipping factor of the update)."""
         t0 = time.perf_counter()
         local, sketch = self.kernel(held["rows"], D, step)
         self.stats["pred"] += sum(float((held["F"][n].double() * delta[n].double()).sum()) for n in self.names)

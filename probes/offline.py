@@ -27,7 +27,7 @@ import torch
 from probes.base import SetupContext
 from probes.delta_h import DeltaHProbe
 from probes.fisher import FisherProbe
-from probes.functional.fisher import adam_preconditioner
+from probes.functional.fisher import adam_preconditioner, clip_coefficient
 from rl_training import checkpoint
 from rl_training.config import config_from_dict, grad_accum, parse_overrides, validate
 from rl_training.dist import DistInfo
@@ -112,7 +112,9 @@ class EntropyExperiment:
             for group in tr.optimizer.param_groups:
                 group["lr"] = lr
             tr.step = 10_000_000 + key  # rollout seeds are keyed by step: a fresh U-batch per key
-            self.last_batch = tr.train_step().batch
+            out = tr.train_step()
+            self.last_batch = out.batch
+            self.last_clip = clip_coefficient(out.metrics["train/grad_norm"], tr.cfg.train.grad_clip)
             self.last_preconditioner = adam_preconditioner(tr.optimizer, tr.trainable)
             return {n: p.detach() - self.theta[n] for n, p in tr.trainable.items()}
         finally:

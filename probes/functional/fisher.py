@@ -167,3 +167,9 @@ def cross_summary(K_eu: torch.Tensor) -> dict:
     much a step along training sequence j's ∇S moves the evaluation log-probs on average."""
     K = K_eu.detach().double()
     return {"mean": float(K.mean()), "abs_mean": float(K.abs().mean()), "column_mean": K.mean(dim=0)}
+
+
+def clip_coefficient(grad_norm: float, max_norm: float) -> float:
+    """The factor torch's ``clip_grad_norm_`` (ours, accelerate's) multiplies the gradient by:
+    min(1, max_norm / (‖g‖ + 1e-6)); 1 when clipping is off (max_norm <= 0)."""
+    return 1.0 if max_norm <= 0 else min(1.0, max_norm / (grad_norm + 1e-6))

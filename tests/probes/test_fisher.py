@@ -95,13 +95,14 @@ def probe_named(model):
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_contributions_sum_to_delta_h_of_the_real_update(optimizer):
-    """SGD, and Adam's first step without weight decay, move θ along Σ_j −A_j D∇S_j/(N·L)·η:
-    Σ_j c_j equals δH₁ of the real Δθ, and the probe's δH₁ equals the δH probe's (shared E-batch)."""
+@pytest.mark.parametrize("optimizer,clip", [("sgd", 0), ("adamw", 0), ("sgd", 1e-3), ("adamw", 1e-3)])
+def test_contributions_sum_to_delta_h_of_the_real_update(optimizer, clip):
+    """SGD, and Adam's first step without weight decay, move θ along Σ_j −A_j D∇S_j/(N·L)·η·c
+    (c: the clipping factor; grad_clip 1e-3 clips every step here): Σ_j c_j equals δH₁ of the
+    real Δθ, and the probe's δH₁ equals the δH probe's (shared E-batch)."""
     s = _session("probes.probes=[{name: dh, kind: delta_h, options: {batch_size: 8}},"
                  " {name: fk, kind: fisher, options: {batch_size: 8, microbatch_size: 3}}]",
-                 "train.grad_clip=0", "train.weight_decay=0")
+                 f"train.grad_clip={clip}", "train.weight_decay=0")
     tr = s.trainer
     lr = tr.lr_scheduler.get_last_lr()[0]
     if optimizer == "sgd":
