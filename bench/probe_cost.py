@@ -54,22 +54,31 @@ def main() -> None:
             dt = time.perf_counter() - t0
             if i == 0:
                 continue  # warm-up
-            row = {"seconds": dt, **{k.removeprefix("probe/"): v for k, v in metrics.items()
-                                     if k.startswith("probe/") and "/time" in k}}
+            row = {"seconds": dt, "rollout_s": metrics["time/rollout_s"],
+                   **{k.removeprefix("probe/"): v for k, v in metrics.items() if k.startswith("probe/") and "/time" in k}}
             rows[name].append(row)
             print(f"{name:7s} step {i}: {dt:6.1f} s " + " ".join(f"{k}={v:.3g}" for k, v in row.items() if k != "seconds"))
     bare_s = statistics.median(r["seconds"] for r in rows["bare"])
     probed_s = statistics.median(r["seconds"] for r in rows["probed"])
-    parts = {k: statistics.median(r[k] for r in rows["probed"]) for k in rows["probed"][0] if k != "seconds"}
+    parts = {k: statistics.median(r[k] for r in rows["probed"]) for k in rows["probed"][0]
+             if k not in ("seconds", "rollout_s")}
+    # Both trainers draw the same rollouts (the probes only read), so most of the step-to-step
+    # noise is generation time. The probes add nothing to the rollout phase: pairing the steps
+    # and comparing the phase after it (forward, backward, probes, reduce) measures their cost
+    # with that noise removed.
+    after = lambda r: r["seconds"] - r["rollout_s"]  # noqa: E731
+    paired = [after(p) - after(b) for b, p in zip(rows["bare"], rows["probed"])]
     summary = {
         "bare_s_per_step": bare_s, "probed_s_per_step": probed_s, "probes": args.probes,
         "overhead_ratio": (probed_s - bare_s) / bare_s,
+        "overhead_ratio_paired": statistics.median(paired) / bare_s,
         "breakdown_ratio_of_bare_step": {k: v / bare_s for k, v in parts.items()},
         "breakdown_s": parts, "be": args.be, "per_prompt": args.per_prompt, "steps": args.steps,
         "loadavg": os.getloadavg(), "rows": rows, "cfg": args.cfg,
     }
     print(f"bare {bare_s:.1f} s/step, with {args.probes} {probed_s:.1f} s/step (medians): "
-          f"overhead {summary['overhead_ratio']:+.3f} of the bare step")
+          f"overhead {summary['overhead_ratio']:+.3f} of the bare step; paired, after the rollout: "
+          f"{summary['overhead_ratio_paired']:+.3f}")
     print("breakdown (fraction of a bare step): " + ", ".join(f"{k}: {v:.2f}" for k, v in summary["breakdown_ratio_of_bare_step"].items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=2))
