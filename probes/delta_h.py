@@ -25,7 +25,7 @@ over all ranks, default 16), ``completions_per_prompt`` (k, default 2), ``microb
 
 | key | meaning |
 |---|---|
-| `pred`, `pred_se` | δH₁ per sequence (nats) and its SE |
+| `pred`, `pred_se`, `pred_df` | δH₁ per sequence (nats), its SE, and the SE's Satterthwaite df: the 95 % interval is pred ± t_{df, 0.975}·pred_se (the same `_df` for every `_se` below) |
 | `pred_stop`, `pred_stop_se` | the part of `pred` due to changed stopping probabilities |
 | `true`, `true_se` | ΔH_true per sequence (stop-aware, doubly robust) and its SE |
 | `ess_frac` | Kish ESS of the sequence weights exp(S' − S) / B_E |
@@ -67,7 +67,7 @@ class DeltaHProbe(Probe):
     def setup(self, ctx: SetupContext) -> None:
         self.check_options(OPTIONS)
         cfg = ctx.cfg
-        self.spec = spec_from_options(self.options, batch_size=16)
+        self.spec = self.ebatch_spec = spec_from_options(self.options, batch_size=16)
         self.micro = int(self.options.get("microbatch_size", cfg.train.microbatch_size))
         self.precision = self.options.get("precision", "auto")
         if self.precision not in PRECISIONS:
@@ -88,7 +88,7 @@ class DeltaHProbe(Probe):
             self.add_stat(f"time_{part}_s", reduce="max")
         self.lr = float("nan")
 
-    def ebatch_spec(self, batch_size: int) -> EBatchSpec:
+    def spec_at(self, batch_size: int) -> EBatchSpec:
         """The probe's spec at another B_E (offline experiments), checked."""
         spec = dataclasses.replace(self.spec, batch_size=batch_size)
         self.ebatches.check(spec, f"probe '{self.name}'")

@@ -136,7 +136,7 @@ class EntropyExperiment:
 
     # ------------------------------------------------------------------------ E side
     def ebatch(self, b_e: int, key: int):
-        spec = self.probe.ebatch_spec(b_e)
+        spec = self.probe.spec_at(b_e)
         return self.probe.ebatches.sample(self.model, step=20_000_000 + key, spec=spec)
 
     def delta_h(self, delta: dict, ebatch, scale: float = 1.0) -> dict[str, float]:

@@ -21,9 +21,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from probes.functional.delta_h import t975  # noqa: E402
 from rl_training.errors import UserError  # noqa: E402
-
-Z95 = 1.959964
 
 
 def load_log(run_dir: Path) -> list[dict]:
@@ -66,9 +65,9 @@ class Figures:
             ax.plot(xs, ys, marker="o", ms=3, label=label, **kw)
             self.drawn[name][label] = len(xs)
 
-    def band(self, name: str, ax, xs, ys, se, label: str) -> None:
+    def band(self, name: str, ax, xs, ys, half_width, label: str) -> None:
         if xs:
-            ax.fill_between(xs, [y - Z95 * s for y, s in zip(ys, se)], [y + Z95 * s for y, s in zip(ys, se)], alpha=0.2)
+            ax.fill_between(xs, [y - h for y, h in zip(ys, half_width)], [y + h for y, h in zip(ys, half_width)], alpha=0.2)
             self.line(name, ax, xs, ys, label)
 
     def save(self, name: str, fig, axes) -> None:
@@ -80,6 +79,11 @@ class Figures:
         fig.tight_layout()
         fig.savefig(self.out / f"{name}.png", dpi=100)
         self.plt.close(fig)
+
+
+def half_widths(rows: list[dict], key: str) -> list[float]:
+    """95 % half-widths t975(df)·se of ``key`` where it is logged (1.96·se in logs without df)."""
+    return [t975(r.get(f"{key}_df", float("inf"))) * r[f"{key}_se"] for r in rows if key in r]
 
 
 def plot_training(fg: Figures, rows: list[dict]) -> None:
@@ -98,11 +102,9 @@ def plot_delta_h(fg: Figures, rows: list[dict]) -> None:
         png = f"delta_h_{name}"
         fig, (a, b) = fg.new(png, 2)
         steps, pred = series(rows, p + "pred")
-        _, pred_se = series(rows, p + "pred_se")
         ts, true = series(rows, p + "true")
-        _, true_se = series(rows, p + "true_se")
-        fg.band(png, a, steps, pred, pred_se, "δH₁ (predicted)")
-        fg.band(png, a, ts, true, true_se, "ΔH_true (measured)")
+        fg.band(png, a, steps, pred, half_widths(rows, p + "pred"), "δH₁ (predicted)")
+        fg.band(png, a, ts, true, half_widths(rows, p + "true"), "ΔH_true (measured)")
         a.axhline(0, color="k", lw=0.6)
         a.set(title=f"{name}: per due step (95 % bands)", ylabel="nats / sequence")
         hs, H = series(rows, p + "H")

@@ -210,8 +210,10 @@ def contributions(tab: TokenTable) -> dict[str, torch.Tensor]:
             "log_w": ((tab.lp_new - tab.lp) * m).sum(-1)}
 
 
-def pool_mean_se(x: torch.Tensor, prompt: torch.Tensor, pool_size: int) -> tuple[float, float]:
-    """Mean over prompts of the prompt means of ``x`` [N] and its two-stage standard error.
+def pool_mean_se(x: torch.Tensor, prompt: torch.Tensor, pool_size: int) -> tuple[float, float, float]:
+    """Mean over prompts of the prompt means of ``x`` [N], its two-stage standard error, and the
+    Satterthwaite degrees of freedom of that SE (between: n − 1, within: N − n): intervals are
+    est ± t_{df}·se. With a few prompts df is small and ±1.96·se covers well below 95 %.
 
     Needs n ≥ 2 prompts unless they are the whole pool; where no prompt has two completions the
     within term is unknown and the between term alone is used (conservative when f > 0).
@@ -225,13 +227,56 @@ def pool_mean_se(x: torch.Tensor, prompt: torch.Tensor, pool_size: int) -> tuple
     s_b2 = float(means.var()) if n > 1 else float("nan")
     within_df = float((k - 1).sum())
     if within_df == 0:
-        var = s_b2 / n
+        between, within = s_b2 / n, 0.0
     else:
         s_w2 = float(((x.double() - means[inv]) ** 2).sum()) / within_df
-        var = f * s_w2 * float((1 / k).sum()) / n**2
-        if f < 1:
-            var += (1 - f) * s_b2 / n
-    return est, math.sqrt(var) if var == var and var >= 0 else float("nan")
+        within = f * s_w2 * float((1 / k).sum()) / n**2
+        between = (1 - f) * s_b2 / n if f < 1 else 0.0
+    var = between + within
+    denom = (between**2 / (n - 1) if between else 0.0) + (within**2 / within_df if within else 0.0)
+    df = var**2 / denom if denom > 0 else float("inf")
+    return est, math.sqrt(var) if var == var and var >= 0 else float("nan"), df
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta I_x(a, b): Lentz's continued fraction (Numerical Recipes §6.4)."""
+    if x <= 0.0 or x >= 1.0:
+        return max(0.0, min(1.0, x))
+    if x > (a + 1) / (a + b + 2):  # the fraction converges fast only below the mean
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    frac = d
+    for m in range(1, 300):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            frac *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return front * frac
+
+
+def t975(df: float) -> float:
+    """Student-t 0.975 quantile at any df > 0 (Satterthwaite's are fractional), to 1e-9: the
+    factor of a 95 % interval est ± t975(df)·se; 1.96 at df = ∞. P(|T| > t) = I_{df/(df+t²)}(df/2, 1/2)."""
+    if math.isinf(df):
+        return 1.959963984540054
+    lo, hi = 1.959, 1e3
+    for _ in range(200):  # bisection: the two-sided tail falls as t grows
+        mid = 0.5 * (lo + hi)
+        if _betainc(df / 2, 0.5, df / (df + mid * mid)) > 0.05:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-10:
+            break
+    return 0.5 * (lo + hi)
 
 
 def kish_ess_frac(log_w: torch.Tensor) -> float:
@@ -248,7 +293,7 @@ def estimate(tab: TokenTable, prompt: torch.Tensor, ended: torch.Tensor, pool_si
     c = contributions(tab)
     out: dict[str, float] = {"n": float(prompt.numel()), "prompts": float(prompt.unique().numel())}
     for key, name in (("rb", "pred"), ("stop", "pred_stop"), ("true", "true"), ("H", "H")):
-        out[name], out[f"{name}_se"] = pool_mean_se(c[key], prompt, pool_size)
+        out[name], out[f"{name}_se"], out[f"{name}_df"] = pool_mean_se(c[key], prompt, pool_size)
     out["ess_frac"] = kish_ess_frac(c["log_w"])
     out["pool_frac"] = min(out["prompts"] / pool_size, 1.0)
     out["stop_frac"] = float((ended > 0).double().mean())

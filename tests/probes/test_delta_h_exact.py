@@ -209,13 +209,6 @@ def test_jvp_matches_autograd_per_position(world):
 # ------------------------------------------------------------------------ sampling
 
 
-def _t975(df: float) -> float:
-    """Student-t 0.975 quantile (Cornish–Fisher; error < 1e-3 for df ≥ 3)."""
-    z = 1.959964
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2) + (
-        3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3)
-
-
 def _satterthwaite(x: torch.Tensor, prompt: torch.Tensor, pool: int) -> float:
     """Degrees of freedom of the two-stage variance (between: n − 1, within: N_seq − n)."""
     ids, inv = prompt.unique(return_inverse=True)
@@ -254,8 +247,9 @@ def _estimates(tab, prompt, pool):
     xs = {"rb": c["rb"], "true": c["true"], "naive_rb": naive["rb"], "naive_true": naive["true"]}
     out = {}
     for key, x in xs.items():
-        est, se = F.pool_mean_se(x, prompt, pool)
-        out[key] = (est, se, _satterthwaite(x, prompt, pool))
+        est, se, df = F.pool_mean_se(x, prompt, pool)
+        assert df == pytest.approx(_satterthwaite(x, prompt, pool), rel=1e-9)  # the probe's df is the test's
+        out[key] = (est, se, df)
     return out
 
 
@@ -275,7 +269,7 @@ def _summary(res, key):
     exact = res["true"] if key in ("true", "naive_true") else res["pred"]
     est = torch.tensor([r[key][0] for r in res["rows"]], dtype=torch.float64)
     se = torch.tensor([r[key][1] for r in res["rows"]], dtype=torch.float64)
-    q = torch.tensor([_t975(r[key][2]) for r in res["rows"]], dtype=torch.float64)
+    q = torch.tensor([F.t975(r[key][2]) for r in res["rows"]], dtype=torch.float64)
     covered = float(((est - exact).abs() <= q * se).double().mean())
     z_mean = float((est.mean() - exact) / (est.std() / math.sqrt(len(est))))
     return covered, z_mean

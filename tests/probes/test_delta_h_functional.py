@@ -103,15 +103,25 @@ def test_pool_mean_se_two_stage_formula():
     s_w2 = float(((x.view(4, 3) - means.unsqueeze(1)) ** 2).sum()) / 8
     for pool in (4, 10, 1000):
         f = 4 / pool
-        want = (1 - f) * s_b2 / 4 + f * s_w2 * (4 / 3) / 16
-        est, se = F.pool_mean_se(x, prompt, pool)
-        assert est == pytest.approx(float(means.mean())) and se == pytest.approx(math.sqrt(want), rel=1e-12)
-    # One prompt, the whole pool: the SE of a plain mean.
-    est, se = F.pool_mean_se(x, torch.zeros(12, dtype=torch.long), 1)
-    assert se == pytest.approx(float(x.std() / math.sqrt(12)), rel=1e-12)
-    # Single completions: the between term alone.
-    est, se = F.pool_mean_se(x, torch.arange(12), 50)
-    assert se == pytest.approx(float(x.std() / math.sqrt(12)), rel=1e-12)
+        between, within = (1 - f) * s_b2 / 4, f * s_w2 * (4 / 3) / 16
+        est, se, df = F.pool_mean_se(x, prompt, pool)
+        assert est == pytest.approx(float(means.mean())) and se == pytest.approx(math.sqrt(between + within), rel=1e-12)
+        # Satterthwaite: 3 between-prompt df, 8 within.
+        assert df == pytest.approx((between + within) ** 2 / (between**2 / 3 + within**2 / 8), rel=1e-12)
+    # One prompt, the whole pool: the SE of a plain mean, N − 1 df.
+    est, se, df = F.pool_mean_se(x, torch.zeros(12, dtype=torch.long), 1)
+    assert se == pytest.approx(float(x.std() / math.sqrt(12)), rel=1e-12) and df == pytest.approx(11)
+    # Single completions: the between term alone, n − 1 df.
+    est, se, df = F.pool_mean_se(x, torch.arange(12), 50)
+    assert se == pytest.approx(float(x.std() / math.sqrt(12)), rel=1e-12) and df == pytest.approx(11)
+
+
+def test_t975_matches_student_t_tables():
+    tables = ((1, 12.7062047), (2, 4.3026527), (3, 3.1824463), (5, 2.5705818), (10, 2.2281389),
+              (30, 2.0422725), (1000, 1.9623391), (float("inf"), 1.9599640))
+    for df, want in tables:
+        assert F.t975(df) == pytest.approx(want, abs=1e-6), df
+    assert F.t975(3) > F.t975(3.5) > F.t975(4)  # fractional df in between
 
 
 def test_cov_prediction():
