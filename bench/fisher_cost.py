@@ -63,7 +63,7 @@ def main() -> None:
     tr = s.trainer
     probe, model, T = tr.probes.probes[0], tr.policy, cfg.rollout.temperature
     model.eval()
-    batch = rollout.collect(model, tr.tokenizer, tr.scheduler, tr.prompt_fn, tr.reward_fn, cfg, step=1, world=s.world)
+    batch = rollout.collect(tr.engine, tr.scheduler, tr.prompt_fn, tr.reward_fn, cfg, step=1, world=s.world)
     tokens = batch.tensors
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():  # LoRA B = 0 at init leaves A without a gradient: move to a trained-like point

@@ -21,6 +21,7 @@ from rl_training.algs.dr_grpo import group_has_signal  # noqa: E402
 from rl_training.config import load_config  # noqa: E402
 from rl_training.data.prompts import build_prompt  # noqa: E402
 from rl_training.data.records import load_task  # noqa: E402
+from rl_training.engine import HFEngine  # noqa: E402
 from rl_training.rewards import flexible_reward, strict_reward  # noqa: E402
 from rl_training.rollout import generate_groups  # noqa: E402
 from rl_training.session import load_policy  # noqa: E402
@@ -46,7 +47,7 @@ def main() -> None:
             for reward_name, reward_fn in (("flexible", flexible_reward), ("strict", strict_reward)):
                 if reward_name == "flexible":
                     groups = generate_groups(
-                        model, tokenizer, records, lambda q: build_prompt(q, tokenizer), reward_fn, cfg,
+                        HFEngine(model, tokenizer), records, lambda q: build_prompt(q, tokenizer), reward_fn, cfg,
                         seed_parts=("reward-variance", level, max_new),
                     )
                 G = cfg.rollout.group_size

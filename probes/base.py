@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from probes.ebatch import EBatchSource
+from probes.ebatch import EBatchSource, EBatchSpec
 from probes.stats import StatSet
 from rl_training.errors import ConfigError
 
@@ -71,6 +71,7 @@ class SetupContext:
 class Probe:
     kind: str = ""
     needs_param_snapshot: bool = False  # manager snapshots θ before optimizer.step
+    ebatch_spec: EBatchSpec | None = None  # set in setup by probes that use the step's E-batch (it rides with the rollouts)
 
     def __init__(self, name: str, every_n_steps: int = 1, options: dict | None = None):
         self.name = name

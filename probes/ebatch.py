@@ -9,12 +9,14 @@ that ask for the same ``EBatchSpec`` get the same E-batch, generated once
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass
 
 import torch
 
 from rl_training.data.prompts import STOP_STRINGS
+from rl_training.engine import RidingEngine
 from rl_training.errors import ConfigError
 from rl_training.policy import TokenBatch
 from rl_training.sampling import Completions, eos_token_ids, sample, stable_seed
@@ -102,26 +104,49 @@ class EBatchSource:
 
     def get(self, model, step: int, spec: EBatchSpec) -> EBatch:
         """The step's E-batch for ``spec``, generated at the first request of the step (call it
-        before the optimizer step: the E-batch samples π_θk)."""
+        before the optimizer step: the E-batch samples π_θk) unless it rode with the rollouts."""
         if step != self._step:
             self._step, self._cache = step, {}
         if spec not in self._cache:
             self._cache[spec] = self.sample(model, step, spec)
         return self._cache[spec]
 
-    def sample(self, model, step: int, spec: EBatchSpec) -> EBatch:
-        """This rank's share (whole prompts) of a global E-batch that depends only on (seed, step)."""
+    def requests(self, step: int, spec: EBatchSpec) -> tuple[list[str], list[int], list[int]]:
+        """(prompts, seeds, pool indices) of this rank's share (whole prompts) of the global
+        E-batch, which depends only on (seed, step)."""
         seed, pool = self.cfg.seed, self.pool(spec)
         plan = ebatch_plan(len(pool), spec.batch_size, spec.per_prompt, seed, step)
         order = list(dict.fromkeys(p for p, _ in plan))  # prompts in draw order
         mine = {p for i, p in enumerate(order) if i % self.world.world_size == self.world.rank}
         rows = [(p, j) for p, j in plan if p in mine]
+        return ([self.prompt_fn(pool[p].question) for p, _ in rows],
+                [stable_seed(seed, "ebatch", step, p, j) for p, j in rows], [p for p, _ in rows])
+
+    def settings(self) -> dict:
+        """The sampler settings of every E-batch (a rollout call with others cannot carry one)."""
+        return dict(max_new_tokens=self.cfg.rollout.max_new_tokens, temperature=self.cfg.rollout.temperature,
+                    stop_strings=self.stop_strings, max_prompt_tokens=self.cfg.data.max_prompt_tokens)
+
+    def sample(self, model, step: int, spec: EBatchSpec) -> EBatch:
+        """A fresh E-batch of this rank, generated now by the exact sampler."""
+        prompts, seeds, idx = self.requests(step, spec)
         self.generations += 1
-        comps = sample(
-            model, self.tokenizer,
-            [self.prompt_fn(pool[p].question) for p, _ in rows],
-            [stable_seed(seed, "ebatch", step, p, j) for p, j in rows],
-            max_new_tokens=self.cfg.rollout.max_new_tokens, temperature=self.cfg.rollout.temperature,
-            stop_strings=self.stop_strings, max_prompt_tokens=self.cfg.data.max_prompt_tokens,
-        ) if rows else None
-        return EBatch(comps, torch.tensor([p for p, _ in rows], dtype=torch.long))
+        comps = sample(model, self.tokenizer, prompts, seeds, **self.settings()) if prompts else None
+        return EBatch(comps, torch.tensor(idx, dtype=torch.long))
+
+    @contextlib.contextmanager
+    def riding(self, engine, step: int, specs: set[EBatchSpec]):
+        """An engine for the step's rollouts that also generates the E-batches of ``specs`` in its
+        first call; on exit they are the step's E-batches. Only with an engine that samples the
+        policy the probes evaluate (not LoRA-merged: rounding would make it another policy)."""
+        if not specs or getattr(engine, "merge_lora", True):
+            yield engine
+            return
+        wanted = {spec: self.requests(step, spec) for spec in specs}
+        rider = RidingEngine(engine, {spec: (p, s) for spec, (p, s, _) in wanted.items()}, self.settings())
+        yield rider
+        if step != self._step:
+            self._step, self._cache = step, {}
+        for spec, comps in rider.delivered.items():
+            self.generations += 1
+            self._cache[spec] = EBatch(comps, torch.tensor(wanted[spec][2], dtype=torch.long))

@@ -83,7 +83,7 @@ class FisherProbe(Probe):
     def setup(self, ctx: SetupContext) -> None:
         self.check_options(OPTIONS)
         o, cfg = self.options, ctx.cfg
-        self.spec = spec_from_options(o, batch_size=8)
+        self.spec = self.ebatch_spec = spec_from_options(o, batch_size=8)
         self.ebatches = ctx.ebatches
         self.ebatches.check(self.spec, f"probe '{self.name}'")
         self.precondition = str(o.get("preconditioner", "adam"))

@@ -95,6 +95,10 @@ class ProbeManager:
             p.reset_stats()
             p.step = step
 
+    def ebatch_specs(self) -> set:
+        """The E-batch specs the live due probes of this step will ask for."""
+        return {p.ebatch_spec for p in self._live() if p.ebatch_spec is not None}
+
     def set_output_dir(self, path) -> None:
         for p in self.probes:
             p.output_dir = path

@@ -68,6 +68,7 @@ class RolloutConfig:
     filter_groups: bool = True  # drop groups whose rewards are all equal
     max_rounds: int = 8  # sampling rounds per step before training on what was accepted
     generation_batch_size: int = 16  # sequences per generate() call
+    merge_lora: str = "auto"  # always | never | auto (merged for a GPU model): decode with LoRA merged (rl_training/engine.py)
 
 
 @dataclass
@@ -291,6 +292,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _check(r.temperature > 0, "rollout.temperature", "must be > 0")
     _check(r.top_p == 1.0, "rollout.top_p", "must be 1.0: the probes need the full-vocabulary policy (use temperature)")
     _check(r.top_k == 0, "rollout.top_k", "must be 0 (off): the probes need the full-vocabulary policy (use temperature)")
+    _check(r.merge_lora in ("auto", "always", "never"), "rollout.merge_lora", f"must be auto|always|never, got {r.merge_lora!r}")
     _check(r.max_rounds >= 1, "rollout.max_rounds", "must be >= 1")
     _check(r.generation_batch_size >= 1, "rollout.generation_batch_size", "must be >= 1")
     _check(t.total_steps >= 1, "train.total_steps", "must be >= 1")

@@ -18,7 +18,7 @@ import torch
 from rl_training import dist, policy
 from rl_training.algs.dr_grpo import group_advantages, group_has_signal
 from rl_training.data.prompts import STOP_STRINGS
-from rl_training.sampling import Completions, sample, stable_seed
+from rl_training.sampling import Completions, stable_seed
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class RolloutBatch:
     breakdowns: list[dict]  # [N] reward breakdowns
     old_logp: torch.Tensor | None = None  # [N, L] behaviour log-probs when ppo_epochs > 1
     ref_logp: torch.Tensor | None = None  # [N, L] reference (LoRA off) log-probs when kl_beta > 0
+    sampler_logp: torch.Tensor | None = None  # [N, L] log π_T of each token as the sampler computed it
     stats: RolloutStats = field(default_factory=RolloutStats)
 
     def __len__(self) -> int:
@@ -74,7 +75,8 @@ class RolloutBatch:
         return RolloutBatch(
             p, pm, c, cm, self.rewards[idx], self.advantages[idx], self.group_index[idx],
             self.record_ids[idx], self.prompts[idx], self.texts[idx], self.breakdowns[idx],
-            cut(self.old_logp), cut(self.ref_logp), self.stats,
+            old_logp=cut(self.old_logp), ref_logp=cut(self.ref_logp), sampler_logp=cut(self.sampler_logp),
+            stats=self.stats,
         )
 
 
@@ -112,10 +114,11 @@ def _assemble(groups: list[_Group], group_size: int, pad_id: int, stats: Rollout
         texts=[t for c in comps for t in c.texts],
         breakdowns=[b for g in groups for b in g.breakdowns],
         stats=stats,
+        sampler_logp=_pad_cat([c.logp for c in comps], 0, left=False),
     )
 
 
-def generate_groups(model, tokenizer, records, prompt_fn, reward_fn, cfg, *, seed_parts: tuple) -> list[_Group]:
+def generate_groups(engine, records, prompt_fn, reward_fn, cfg, *, seed_parts: tuple) -> list[_Group]:
     """G completions for each record, scored; generation runs in chunks of whole groups."""
     G = cfg.rollout.group_size
     per_call = max(1, cfg.rollout.generation_batch_size // G)
@@ -123,9 +126,7 @@ def generate_groups(model, tokenizer, records, prompt_fn, reward_fn, cfg, *, see
     for s in range(0, len(records), per_call):
         chunk = records[s : s + per_call]
         prompts = [prompt_fn(r.question) for r in chunk]
-        comps = sample(
-            model,
-            tokenizer,
+        comps = engine.generate(
             [p for p in prompts for _ in range(G)],
             [stable_seed(*seed_parts, r.id, j) for r in chunk for j in range(G)],
             max_new_tokens=cfg.rollout.max_new_tokens,
@@ -135,16 +136,12 @@ def generate_groups(model, tokenizer, records, prompt_fn, reward_fn, cfg, *, see
         )
         for k, (record, prompt) in enumerate(zip(chunk, prompts)):
             rows = slice(k * G, (k + 1) * G)
-            texts = comps.texts[rows]
-            scored = [reward_fn(t, record.gold) for t in texts]
+            scored = [reward_fn(t, record.gold) for t in comps.texts[rows]]
             groups.append(
                 _Group(
                     record_id=record.id,
                     prompt=prompt,
-                    completions=Completions(
-                        comps.prompt_ids[rows], comps.prompt_mask[rows],
-                        comps.completion_ids[rows], comps.completion_mask[rows], texts,
-                    ),
+                    completions=comps.rows(rows),
                     rewards=torch.tensor([b.reward for b in scored], dtype=torch.float32),
                     breakdowns=[b.to_dict() for b in scored],
                 )
@@ -152,7 +149,7 @@ def generate_groups(model, tokenizer, records, prompt_fn, reward_fn, cfg, *, see
     return groups
 
 
-def collect(model, tokenizer, scheduler, prompt_fn, reward_fn, cfg, *, step: int, world: dist.DistInfo) -> RolloutBatch:
+def collect(engine, scheduler, prompt_fn, reward_fn, cfg, *, step: int, world: dist.DistInfo) -> RolloutBatch:
     """Sample, score and filter until this rank holds buffer_size / world_size sequences."""
     G = cfg.rollout.group_size
     quota_groups = cfg.train.buffer_size // world.world_size // G
@@ -166,7 +163,7 @@ def collect(model, tokenizer, scheduler, prompt_fn, reward_fn, cfg, *, step: int
         if len(accepted) < quota_groups:
             stats.rounds += 1
             groups = generate_groups(
-                model, tokenizer, records, prompt_fn, reward_fn, cfg,
+                engine, records, prompt_fn, reward_fn, cfg,
                 seed_parts=(cfg.seed, "rollout", step, round_),
             )
             for g in groups:
@@ -189,7 +186,7 @@ def collect(model, tokenizer, scheduler, prompt_fn, reward_fn, cfg, *, step: int
         stats.underfilled_groups = missing
         accepted += rejected[-missing:]
     stats.seconds = time.perf_counter() - t0
-    batch = _assemble(accepted, G, tokenizer.pad_token_id, stats)
+    batch = _assemble(accepted, G, engine.tokenizer.pad_token_id, stats)
     # validate() guarantees both; the loss divides by the full buffer_size whatever we return.
     quota = cfg.train.buffer_size // world.world_size
     assert len(batch) == quota, f"rank {world.rank} collected {len(batch)} sequences, not the {quota} of its quota"

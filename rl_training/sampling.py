@@ -1,7 +1,7 @@
 """Sampling from the full-vocabulary policy π_T with HF ``generate``.
 
-Every sequence draws its tokens from its own ``torch.Generator`` (an exact inverse-CDF draw
-from softmax(logits/T), see ``RowSampler``). So a sequence depends only on its seed and the
+Every sequence draws its tokens from its own counter-based random stream, keyed by its seed
+and the token's position (an exact inverse-CDF draw from softmax(logits/T), see ``RowSampler``). So a sequence depends only on its seed and the
 model, not on which rank or batch it was generated in: a run on two ranks and a run on one process draw the same global batch, and a resumed
 run draws what the uninterrupted run would have drawn.
 """
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from rl_training.policy import trim
 from rl_training.stops import completion_length
 
 
@@ -23,24 +24,59 @@ def stable_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-class RowSampler(LogitsProcessor):
-    """Turns greedy decoding into exact sampling from softmax(logits / T), one RNG per row.
+# SplitMix64 (Steele, Lea & Flood 2014): the generator's state after i steps from seed k is
+# k + (i + 1)·γ, and its output function mixes that state; so the i-th draw of any seed is one
+# stateless, vectorised computation. int64 products wrap modulo 2^64 on CPU and CUDA alike.
+_GAMMA, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
-    Each row draws ONE uniform u from its own generator and takes the token where the
-    cumulative distribution (float64) crosses u: an exact inverse-CDF sample. The returned
-    scores are −inf except at that token, so greedy decoding picks it. It must be the only
-    logits processor: ``sample`` passes neutral settings so that HF adds none of its own.
+
+def _signed(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's >> is arithmetic)."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def counter_uniforms(keys: torch.Tensor, counter: int) -> torch.Tensor:
+    """float64 uniforms in [0, 1), the ``counter``-th draw of SplitMix64 seeded with each int64 key,
+    computed on the keys' device: a row's draw depends on its key and the counter only."""
+    z = keys + torch.full_like(keys, counter + 1) * _signed(_GAMMA)
+    z = (z ^ _shr(z, 30)) * _signed(_MIX1)
+    z = (z ^ _shr(z, 27)) * _signed(_MIX2)
+    z = z ^ _shr(z, 31)
+    return _shr(z, 11).double() * 2.0**-53
+
+
+class RowSampler(LogitsProcessor):
+    """Turns greedy decoding into exact sampling from softmax(logits / T), one random stream per row.
+
+    At its i-th call (the i-th generated token) row r takes u = ``counter_uniforms(seed_r, i)``,
+    drawn on the logits' device for all rows at once, and the token where the cumulative
+    distribution (float64) crosses u: an exact inverse-CDF sample that depends only on the row's
+    seed and the model. The returned scores are −inf except at that token, so greedy decoding
+    picks it. It must be the only logits processor: ``sample`` passes neutral settings so that
+    HF adds none of its own. ``logps`` keeps log π_T of each sampled token (the sampler's side of
+    the rollout–training mismatch).
     """
 
     def __init__(self, seeds: list[int], temperature: float):
         self.temperature = temperature
-        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        self.keys = torch.tensor(seeds, dtype=torch.int64)
+        self.calls = 0
+        self.logps: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        assert scores.shape[0] == len(self.generators), "one seed per generated row"
-        u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators]).to(scores.device)
-        cdf = torch.softmax(scores.double() / self.temperature, dim=-1).cumsum(dim=-1)
+        assert scores.shape[0] == len(self.keys), "one seed per generated row"
+        if self.keys.device != scores.device:
+            self.keys = self.keys.to(scores.device)
+        u = counter_uniforms(self.keys, self.calls)
+        self.calls += 1
+        logp = torch.log_softmax(scores.double() / self.temperature, dim=-1)
+        cdf = logp.exp().cumsum(dim=-1)
         token = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1)).clamp(max=scores.shape[1] - 1)
+        self.logps.append(logp.gather(1, token).squeeze(1).float())
         out = torch.full_like(scores, float("-inf"))
         return out.scatter_(1, token, 0.0)
 
@@ -52,6 +88,13 @@ class Completions:
     completion_ids: torch.Tensor  # [N, L] int64, right-padded with pad_token_id
     completion_mask: torch.Tensor  # [N, L] 1 up to and including the stop token
     texts: list[str]  # decoded completions (up to the stop)
+    logp: torch.Tensor | None = None  # [N, L] float32 log π_T of each token as the sampler saw it, 0 on padding
+
+    def rows(self, idx: slice) -> Completions:
+        """Rows ``idx``, trimmed of columns that are padding in all of them."""
+        p, pm, c, cm = trim(self.prompt_ids[idx], self.prompt_mask[idx], self.completion_ids[idx], self.completion_mask[idx])
+        logp = None if self.logp is None else self.logp[idx, : c.shape[1]]
+        return Completions(p, pm, c, cm, self.texts[idx], logp)
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:
@@ -91,6 +134,7 @@ def sample(
     pad_id = tokenizer.pad_token_id
     was_training = model.training
     model.eval()
+    sampler = RowSampler(seeds, temperature)
     try:
         out = model.generate(
             input_ids=enc["input_ids"],
@@ -103,7 +147,7 @@ def sample(
             top_p=None,
             top_k=None,
             repetition_penalty=1.0,
-            logits_processor=LogitsProcessorList([RowSampler(seeds, temperature)]),
+            logits_processor=LogitsProcessorList([sampler]),
             stop_strings=list(stop_strings) or None,
             tokenizer=tokenizer,
             eos_token_id=sorted(eos),
@@ -118,9 +162,12 @@ def sample(
     width = max(1, max(lengths))
     completion_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     completion_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    sampled = torch.stack(sampler.logps, dim=1).cpu()
+    logp = torch.zeros((len(prompts), width), dtype=torch.float32)
     for i, n in enumerate(lengths):
         completion_ids[i, :n] = gen[i, :n]
         completion_mask[i, :n] = 1
+        logp[i, :n] = sampled[i, :n]
     texts = [tokenizer.decode(completion_ids[i, :n], skip_special_tokens=True) for i, n in enumerate(lengths)]
     return Completions(
         prompt_ids=enc["input_ids"].cpu(),
@@ -128,4 +175,5 @@ def sample(
         completion_ids=completion_ids,
         completion_mask=completion_mask,
         texts=texts,
+        logp=logp,
     )

@@ -1,8 +1,9 @@
 """The Dr-GRPO training loop. One step, top to bottom:
 
     records = scheduler.sample(rank)              # disjoint prompts per rank, EMA pass-rate buckets
-    rollout = collect(policy, records)            # G samples/prompt, rewards, A = r − mean_group(r),
-                                                  # drop groups with all-equal rewards, refill to buffer
+    rollout = collect(engine, records)            # G samples/prompt, rewards, A = r − mean_group(r),
+                                                  # drop groups with all-equal rewards, refill to buffer;
+                                                  # the due probes' E-batches ride in its first decode call
     for epoch in ppo_epochs:
       for i, mb in enumerate(microbatches(rollout)):      # grad_accum = buffer / (world × micro)
           probes.on_before_microbatch(ctx)        # captures attach (per-sequence gradients)
@@ -39,6 +40,7 @@ from rl_training import checkpoint, policy, rollout
 from rl_training.algs.dr_grpo import dr_grpo_loss
 from rl_training.config import RunConfig, grad_accum, to_dict
 from rl_training.dist import DistInfo
+from rl_training.engine import build_engine
 from rl_training.sampling import stable_seed
 
 
@@ -77,7 +79,7 @@ TRAIN_STATS = (
     ("sequences", "sum"), ("reward_sum", "sum"), ("pass_sum", "sum"), ("format_sum", "sum"),
     ("completion_tokens", "sum"), ("groups", "sum"), ("groups_rejected", "sum"),
     ("underfilled_groups", "sum"), ("rounds", "max"), ("completion_len_max", "max"),
-    ("rollout_seconds", "max"),
+    ("rollout_seconds", "max"), ("mismatch_sum", "sum"), ("mismatch_tokens", "sum"), ("mismatch_max", "max"),
 )
 
 
@@ -94,6 +96,7 @@ class Trainer:
         self.cfg, self.world = cfg, world
         self.policy = model  # PeftModel; generation and probes use it unwrapped
         self.tokenizer = tokenizer
+        self.engine = build_engine(cfg, model, tokenizer)  # rollouts; probes sample their E-batches exactly
         self.scheduler, self.prompt_fn, self.reward_fn = scheduler, prompt_fn, reward_fn
         self.probes = probes
         self.accum = grad_accum(cfg, world.world_size)
@@ -101,8 +104,10 @@ class Trainer:
         self.optimizer, self.lr_scheduler = build_optimizer(model, cfg)
         self.step = 0  # optimizer steps done
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        probes.setup(SetupContext(cfg, world, model, tokenizer, {}, eval_records=list(eval_records),
-                                  train_records=list(scheduler.records), prompt_fn=prompt_fn))
+        setup = SetupContext(cfg, world, model, tokenizer, {}, eval_records=list(eval_records),
+                             train_records=list(scheduler.records), prompt_fn=prompt_fn)
+        self.ebatches = setup.ebatches  # the probes' E-batches, generated with the step's rollouts
+        probes.setup(setup)
 
     # ------------------------------------------------------------------------------ step
     def train_step(self) -> StepOutput:
@@ -111,9 +116,8 @@ class Trainer:
         self.probes.begin_step(step)
 
         self.policy.eval()  # no dropout in rollouts
-        batch = rollout.collect(
-            self.policy, self.tokenizer, self.scheduler, self.prompt_fn, self.reward_fn, cfg, step=step, world=world
-        )
+        with self.ebatches.riding(self.engine, step, self.probes.ebatch_specs()) as engine:  # one decode pass
+            batch = rollout.collect(engine, self.scheduler, self.prompt_fn, self.reward_fn, cfg, step=step, world=world)
         rollout.add_logprobs(self.policy, batch, cfg)
         self.policy.train()
         torch.manual_seed(stable_seed(cfg.seed, "train", step, world.rank))  # LoRA dropout
@@ -136,6 +140,8 @@ class Trainer:
                     terms, ent, surprisal, logp = self._microbatch_loss(mb)
                     terms.loss.backward()
                 self._accumulate(sums, terms, ent, surprisal, first_epoch=epoch == 0)
+                if epoch == 0:
+                    self._add_mismatch(sums, mb, logp)
                 self.probes.on_after_backward(mb_ctx.replace(token_logp=logp))
             self.probes.on_before_optimizer_step(ctx)
             if epoch == 0:  # θ_k, before the first update of the step; later epochs see it too
@@ -225,6 +231,18 @@ class Trainer:
             sums["surprisal_sum"] += float(surprisal)
             sums["kl_sum"] += float(terms.kl_sum)
 
+    @staticmethod
+    def _add_mismatch(sums, mb: rollout.RolloutBatch, logp: torch.Tensor) -> None:
+        """|log π as the sampler computed it − log π as the loss scores it| per token: rounding
+        (batch shapes, KV cache, merged or bf16 generation weights) and LoRA dropout, if any."""
+        if mb.sampler_logp is None:
+            return
+        mask = mb.completion_mask.to(logp.device).bool()
+        gap = (logp.double() - mb.sampler_logp.to(logp.device).double()).abs()[mask]
+        sums["mismatch_sum"] += float(gap.sum())
+        sums["mismatch_tokens"] += float(gap.numel())
+        sums["mismatch_max"] = max(sums["mismatch_max"], float(gap.max()) if gap.numel() else 0.0)
+
     def _add_rollout_stats(self, sums, st: rollout.RolloutStats) -> None:
         for name in ("sequences", "reward_sum", "pass_sum", "format_sum", "completion_tokens", "groups",
                      "groups_rejected", "underfilled_groups", "rounds", "completion_len_max"):
@@ -248,6 +266,8 @@ class Trainer:
             "rollout/groups_rejected_frac": div(s["groups_rejected"], s["groups"]),
             "rollout/underfilled_groups": s["underfilled_groups"],
             "rollout/rounds": s["rounds"],
+            "rollout/logp_mismatch_tok": div(s["mismatch_sum"], s["mismatch_tokens"]),
+            "rollout/logp_mismatch_max": s["mismatch_max"],
             "time/rollout_s": s["rollout_seconds"],
             "time/tokens_per_s": div(s["completion_tokens"], s["rollout_seconds"]),
         }

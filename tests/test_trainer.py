@@ -78,9 +78,9 @@ def test_scheduler_bucket_counts_are_logged_and_prompts_move_between_buckets(tmp
                          "scheduler.easy_threshold=0.6")
     counts = [(r["scheduler/hard"], r["scheduler/normal"], r["scheduler/easy"]) for r in train_log(run)]
     assert len({sum(c) for c in counts}) == 1, counts  # every train prompt is in one bucket
-    # Every prompt starts "normal" (unseen) and observed prompts leave it, step after step.
+    # Every prompt starts "normal" (unseen); observed prompts leave it, to both sides.
     hard, normal, easy = zip(*counts)
-    assert normal[0] < sum(counts[0]) and len(set(counts)) == 3 and hard[-1] > 0 and easy[-1] > 0, counts
+    assert normal[0] < sum(counts[0]) and len(set(counts)) >= 2 and hard[-1] > 0 and easy[-1] > 0, counts
 
 
 def test_collect_returns_exactly_the_rank_quota():
@@ -88,13 +88,13 @@ def test_collect_returns_exactly_the_rank_quota():
 
     s = _session("probes.probes=[]")
     tr, cfg = s.trainer, s.cfg
-    batch = rollout.collect(tr.policy, tr.tokenizer, tr.scheduler, tr.prompt_fn, tr.reward_fn, cfg, step=1, world=s.world)
+    batch = rollout.collect(tr.engine, tr.scheduler, tr.prompt_fn, tr.reward_fn, cfg, step=1, world=s.world)
     assert len(batch) == cfg.train.buffer_size
     # One prompt in one round cannot fill 8 sequences (validate refuses such a config; the
     # assertion guards the invariant the loss normaliser relies on).
     cfg.rollout.prompts_per_round, cfg.rollout.max_rounds = 1, 1
     with pytest.raises(AssertionError, match="4 sequences, not the 8"):
-        rollout.collect(tr.policy, tr.tokenizer, tr.scheduler, tr.prompt_fn, tr.reward_fn, cfg, step=2, world=s.world)
+        rollout.collect(tr.engine, tr.scheduler, tr.prompt_fn, tr.reward_fn, cfg, step=2, world=s.world)
 
 
 def test_a_trainable_parameter_without_grad_does_not_crash_the_step():
@@ -144,3 +144,13 @@ def test_a_step_reduces_trainer_and_probe_stats_in_one_sum_collective():
     assert sorted(calls) == sorted(want), calls
     assert out.metrics["rollout/completion_len_max"] > 0 and math.isfinite(out.metrics["train/loss"])
     assert out.metrics["probe/gns/P"] > 0 and "probe/delta_h/pred" in out.metrics
+
+
+@pytest.mark.parametrize("merge", ["never", "always"])
+def test_rollout_training_mismatch_is_logged_and_is_rounding_in_fp32(tmp_path, merge):
+    # fp32, no dropout: the sampler's log π of each token and the loss forward's differ only by
+    # float rounding (KV-cache decode vs full forward; with merge_lora, W + s·B·A rounded).
+    run = run_in_process(tmp_path, "train.total_steps=1", "probes.probes=[]", f"rollout.merge_lora={merge}")
+    row = train_log(run)[0]
+    assert 0.0 <= row["rollout/logp_mismatch_tok"] < 1e-5, row["rollout/logp_mismatch_tok"]
+    assert row["rollout/logp_mismatch_tok"] <= row["rollout/logp_mismatch_max"] < 1e-4

@@ -1,6 +1,7 @@
 """E-batches: the plan, the checks, and one generation per step for every probe that shares a spec."""
 
 import pytest
+import torch
 
 from probes.ebatch import EBatchSpec, ebatch_plan
 from rl_training.errors import ConfigError
@@ -58,3 +59,47 @@ def test_specs_without_a_standard_error_are_refused(spec, match):
     source.check(EBatchSpec("eval", 8, 2), "probe 'x'")
     with pytest.raises(ConfigError, match=match):
         source.check(spec, "probe 'x'")
+
+
+def _count_calls(monkeypatch, trainer):
+    """Rows of every engine call of the step's rollouts."""
+    calls = []
+    generate = trainer.engine.generate
+
+    def counted(prompts, seeds, **settings):
+        calls.append(len(prompts))
+        return generate(prompts, seeds, **settings)
+
+    monkeypatch.setattr(trainer.engine, "generate", counted)
+    return calls
+
+
+def test_the_ebatch_rides_in_the_first_rollout_call_and_is_the_same_ebatch(monkeypatch):
+    s = _session("probes.probes=[{name: a, kind: delta_h, options: {batch_size: 8}}]", "rollout.filter_groups=false")
+    tr = s.trainer
+    spec = tr.probes.probes[0].spec
+    alone = tr.ebatches.sample(tr.policy, 1, spec)  # at θ_0, what a separate pass would draw
+    calls = _count_calls(monkeypatch, tr)
+    monkeypatch.setattr("probes.ebatch.sample", lambda *a, **k: pytest.fail("a second decode pass"))
+    out = tr.train_step()
+    G = s.cfg.rollout.group_size
+    rollout_rows = s.cfg.rollout.prompts_per_round * G
+    first = min(max(1, s.cfg.rollout.generation_batch_size // G) * G, rollout_rows)
+    assert calls[0] == first + 8  # the E-batch's 8 rows ride in the first call
+    assert sum(calls) == rollout_rows + 8
+    rode = tr.ebatches.get(tr.policy, 1, spec)
+    assert tr.ebatches.generations == 2  # `alone`, and the one that rode
+    assert rode.prompt.tolist() == alone.prompt.tolist()
+    for a, b in zip(rode.tensors, alone.tensors):
+        assert torch.equal(a, b)
+    assert out.metrics["probe/a/n"] == 8
+
+
+def test_with_merged_generation_weights_the_ebatch_is_drawn_apart(monkeypatch):
+    s = _session("probes.probes=[{name: a, kind: delta_h, options: {batch_size: 8}}]", "rollout.merge_lora=always",
+                 "rollout.filter_groups=false")
+    tr = s.trainer
+    calls = _count_calls(monkeypatch, tr)
+    tr.train_step()
+    assert sum(calls) == s.cfg.rollout.prompts_per_round * s.cfg.rollout.group_size  # rollouts only
+    assert tr.ebatches.generations == 1  # by the exact sampler, in the probe's hook
