@@ -65,8 +65,10 @@ def build_trl(cfg, records, out_dir: Path, max_steps: int, trl_tokens: list[int]
         return [flexible_reward(c, g).reward for c, g in zip(completions, gold)]
 
     r, t = cfg.rollout, cfg.train
+    on_gpu = torch.cuda.is_available()
     args = trl.GRPOConfig(
-        output_dir=str(out_dir), use_cpu=True, bf16=False, report_to=[], logging_steps=1, save_strategy="no",
+        output_dir=str(out_dir), use_cpu=not on_gpu, bf16=on_gpu and cfg.model.dtype == "bfloat16",
+        report_to=[], logging_steps=1, save_strategy="no",
         disable_tqdm=True, max_steps=max_steps, seed=cfg.seed,
         loss_type="dr_grpo", scale_rewards="none", beta=0.0, epsilon=t.eps_low, epsilon_high=t.eps_high,
         num_generations=r.group_size, max_completion_length=r.max_new_tokens,
@@ -96,23 +98,13 @@ def mean_sd(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else float("nan"))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=3, help="timed [TRL step, our step] pairs after one warm-up pair")
-    ap.add_argument("--cfg", default=str(REPO / "cfg" / "smollm2_cpu_demo.yaml"))
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "step_vs_trl.json"))
-    args = ap.parse_args()
-
-    cfg = load_config(args.cfg, OVERRIDES)
-    load_before = os.getloadavg()  # other jobs on the machine slow both sides alike (they alternate)
-    t0 = time.perf_counter()
-    session = build_session(cfg, dist.DistInfo())
-    ours = session.trainer
+def alternate_with_trl(cfg, ours, records, rounds: int) -> tuple[dict, dict, dict]:
+    """[TRL step, our step] × (1 + rounds) in one process, the first pair a warm-up: (summary,
+    raw records, TRL's args). ``ours`` is our Trainer on ``cfg``; TRL gets the same model."""
     trl_tokens: list[int] = []
-    out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.TemporaryDirectory(prefix="trl_bench_")  # TRL's output_dir; it saves nothing
-    trainer = build_trl(cfg, session.train_records, Path(tmp.name), 1 + args.rounds, trl_tokens)
+    t0 = time.perf_counter()
+    trainer = build_trl(cfg, records, Path(tmp.name), 1 + rounds, trl_tokens)
     setup_s = time.perf_counter() - t0
 
     from transformers import TrainerCallback
@@ -141,10 +133,12 @@ def main() -> None:
                 rec["trl_outside_step_s"].append(self.t_begin - self.t_after_ours)
 
         def on_step_end(self, a, state, control, **kw):
+            _sync()
             rec["trl_step_s"].append(time.perf_counter() - self.t_begin)
             print(f"TRL  step {state.global_step}: {rec['trl_step_s'][-1]:.1f} s", flush=True)
             t = time.perf_counter()
             out = ours.train_step()
+            _sync()
             rec["ours_step_s"].append(time.perf_counter() - t)
             rec["ours_rollout_s"].append(out.metrics["time/rollout_s"])
             rec["ours_tokens"].append(out.batch.stats.completion_tokens)
@@ -158,9 +152,10 @@ def main() -> None:
 
     trainer.add_callback(Alternate())
     trainer.train()
+    tmp.cleanup()
 
     n_steps = len(rec["trl_step_s"])
-    assert n_steps == 1 + args.rounds and len(rec["ours_step_s"]) == n_steps and len(trl_tokens) == n_steps
+    assert n_steps == 1 + rounds and len(rec["ours_step_s"]) == n_steps and len(trl_tokens) == n_steps
     assert all(s == cfg.train.buffer_size for s in rec["ours_sequences"])
     timed = slice(1, None)  # drop the warm-up pair
     summary = {}
@@ -179,6 +174,31 @@ def main() -> None:
         }  # fmt: skip
     summary["ratio_ours_over_trl_s_per_step"] = summary["ours"]["s_per_step_mean"] / summary["trl"]["s_per_step_mean"]
     summary["ratio_ours_over_trl_tokens_per_s"] = summary["ours"]["tokens_per_s"] / summary["trl"]["tokens_per_s"]
+    trl_args = {k: v for k, v in trainer.args.to_dict().items() if isinstance(v, (int, float, str, bool, type(None)))}
+    return summary, {**rec, "trl_tokens": trl_tokens, "setup_s": setup_s}, trl_args
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3, help="timed [TRL step, our step] pairs after one warm-up pair")
+    ap.add_argument("--cfg", default=str(REPO / "cfg" / "smollm2_cpu_demo.yaml"))
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "step_vs_trl.json"))
+    args = ap.parse_args()
+
+    cfg = load_config(args.cfg, OVERRIDES)
+    load_before = os.getloadavg()  # other jobs on the machine slow both sides alike (they alternate)
+    t0 = time.perf_counter()
+    session = build_session(cfg, dist.DistInfo())
+    session_s = time.perf_counter() - t0
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    summary, rec, trl_args = alternate_with_trl(cfg, session.trainer, session.train_records, args.rounds)
+    setup_s = session_s + rec.pop("setup_s")  # both trainers built, before the first step
 
     print(f"\n{args.rounds} timed round(s) after one warm-up step each; {cfg.train.buffer_size} sequences/step, "
           f"torch threads {torch.get_num_threads()}")  # fmt: skip
@@ -197,12 +217,12 @@ def main() -> None:
 
     result = {
         "summary": summary,
-        "raw": {**rec, "trl_tokens": trl_tokens},
+        "raw": rec,
         "setup_s": setup_s,
         "loadavg_1_5_15": {"before": load_before, "after": os.getloadavg()},
         "config": {
             "rounds": args.rounds, "cfg": args.cfg, "overrides": OVERRIDES, "ours": to_dict(cfg),
-            "trl": {k: v for k, v in trainer.args.to_dict().items() if isinstance(v, (int, float, str, bool, type(None)))},
+            "trl": trl_args,
         },  # fmt: skip
         "versions": {
             "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
@@ -211,7 +231,6 @@ def main() -> None:
         },  # fmt: skip
     }
     out_path.write_text(json.dumps(result, indent=1, default=str))
-    tmp.cleanup()
     print(f"wrote {out_path}")
 
 

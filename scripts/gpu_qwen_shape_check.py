@@ -22,25 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config  # noqa: E402
-
-# Qwen2.5-1.5B's shape (config.json of the hub model), with the SmolLM2 vocabulary.
-QWEN_1_5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                 num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=True)
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True)
-
-
-def build_model(tokenizer_dir: Path, out: Path, shape: dict) -> Path:
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    config = Qwen2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **shape)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
-    return out
-
+from rl_training.models import save_random_model  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,7 +33,7 @@ def main() -> None:
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     work = Path(tempfile.mkdtemp())
-    model_dir = build_model(args.tokenizer, work / "model", TINY if args.tiny else QWEN_1_5B)
+    model_dir = save_random_model(args.tokenizer, work / "model", "tiny" if args.tiny else "qwen2.5-1.5b")
     os.environ["RL_TRAINING_FORCE_COLLECTIVES"] = "1"
     overrides = [
         f"model.name_or_path={model_dir}", "data.task=arithmetic", "data.reward=length_parity", "data.num_records=1000",

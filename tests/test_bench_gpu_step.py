@@ -1,0 +1,38 @@
+"""bench/gpu_step.py runs end to end on the CPU's small shape (its GPU figures need a GPU): every
+figure it reports is a finite number, and what it measures is what it names."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers.runs import REPO
+
+pytest.importorskip("trl")
+
+
+@pytest.mark.slow
+def test_gpu_step_bench_smoke_on_the_tiny_shape(tmp_path):
+    out = tmp_path / "gpu_step.json"
+    cmd = [sys.executable, "bench/gpu_step.py", "--shape", "tiny", "--steps", "1", "--decode-reps", "1", "--trl",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert "| decode, LoRA merged |" in proc.stdout and "| ours / TRL, s per step |" in proc.stdout
+    assert r["rows"] == 8 and r["new_tokens"] == 16 and r["engine_merge_lora"] is False  # CPU: exact path
+    for kind in ("merged", "unmerged"):
+        d = r["decode"][kind]
+        assert d["tokens"] == [8 * 16] or all(0 < t <= 8 * 16 for t in d["tokens"])
+        assert d["tokens_per_s"] > 0 and d["ms_per_decode_step"] > 0
+    assert r["bound_ms_per_decode_step"] > 0
+    for name in ("bare", "delta_h", "gns_ess"):
+        assert math.isfinite(r["steps"][name]["overhead_of_bare_step"])
+    assert r["steps"]["bare"]["overhead_of_bare_step"] == 0.0
+    assert r["steps"]["delta_h"]["probe_time_s"] and r["steps"]["gns_ess"]["probe_time_s"]
+    assert 0 <= r["steps"]["bare"]["logp_mismatch_tok"] < 1e-3  # fp32: rounding only
+    assert math.isfinite(r["trl"]["ratio_ours_over_trl_s_per_step"])
