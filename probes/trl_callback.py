@@ -70,7 +70,7 @@ class ProbeCallback(TrainerCallback):
     def __init__(self, trainer, probes: list[dict], *, eval_prompts: list[str] = (), train_prompts: list[str] = (),
                  stop_strings: tuple[str, ...] = (), strict: bool = False):
         args = trainer.args
-        self._check(args, trainer)
+        self._check(args)
         self.trainer = trainer
         acc = trainer.accelerator
         self.world = DistInfo(rank=acc.process_index, world_size=acc.num_processes, local_rank=acc.local_process_index,
@@ -105,7 +105,7 @@ class ProbeCallback(TrainerCallback):
         trainer.add_callback(self)
 
     @staticmethod
-    def _check(args, trainer) -> None:
+    def _check(args) -> None:
         if args.loss_type != "dr_grpo":
             raise ConfigError(f"ProbeCallback: loss_type must be 'dr_grpo' (the probes' loss weights), got {args.loss_type!r}")
         if args.num_iterations != 1 or args.steps_per_generation != args.gradient_accumulation_steps:

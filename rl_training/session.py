@@ -312,5 +312,5 @@ def summarize(history: list[dict], seconds: float, step: int) -> dict:
 
 def _summary_key(key: str) -> bool:
     name = key.rsplit("/", 1)[-1]
-    return key.startswith("probe/") and name in ("pred", "pred_se", "true", "true_se", "pred_stop", "b_simple",
+    return key.startswith("probe/") and name in ("pred", "pred_se", "pred_df", "true", "true_se", "pred_stop", "b_simple",
                                                  "b_simple_seq", "b_resolved", "loss_ess_frac", "contrib_ratio")

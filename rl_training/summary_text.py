@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from probes.functional.delta_h import t975
+
 
 def _num(x, fmt: str = ".3g") -> str:
     return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
@@ -31,8 +33,10 @@ def summary_rows(summary: dict) -> list[tuple[str, str]]:
         pred_se, _ = _probe(summary, "delta_h", "pred_se")
         true, _ = _probe(summary, "delta_h", "true")
         true_se, _ = _probe(summary, "delta_h", "true_se")
+        df, _ = _probe(summary, "delta_h", "pred_df")
+        dof = f", SEs with {_num(df, '.0f')} df: 95 % is ±{_num(t975(df), '.2f')} SE" if df is not None else ""
         rows.append((f"δH₁ (step {step})", f"{_num(pred)} ± {_num(pred_se, '.2g')}   measured ΔH {_num(true)} ± "
-                                           f"{_num(true_se, '.2g')}   (nats per sequence)"))
+                                           f"{_num(true_se, '.2g')}   (nats per sequence{dof})"))
     b, step = _probe(summary, "gns", "b_simple")
     resolved, _ = _probe(summary, "gns", "b_resolved")
     if b is not None:

@@ -17,6 +17,7 @@ def test_the_end_of_a_run_prints_a_readable_table(tmp_path, capsys):
     assert f"reward {rows[0]['rollout/reward_mean']:.3g} → {rows[-1]['rollout/reward_mean']:.3g}" in out
     assert f"δH₁ (step 2) {rows[-1]['probe/delta_h/pred']:.3g} ± {rows[-1]['probe/delta_h/pred_se']:.2g}" in out
     assert f"measured ΔH {rows[-1]['probe/delta_h/true']:.3g}" in out
+    assert f"SEs with {rows[-1]['probe/delta_h/pred_df']:.0f} df" in out
     assert "GNS B_simple" in out and "ESS of the loss" in out and "Fisher Σc_j/δH₁" in out
     step_s = sum(r["time/step_s"] for r in rows) / 2
     assert f"time / step {step_s:.1f} s" in out
