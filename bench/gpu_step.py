@@ -132,7 +132,7 @@ def steps(trainers: dict, n: int) -> dict:
                      "logp_mismatch_tok": statistics.fmean(r["rollout/logp_mismatch_tok"] for r in rs),
                      "logp_mismatch_max": max(r["rollout/logp_mismatch_max"] for r in rs),
                      "probe_time_s": {k: statistics.median(r[k] for r in rs) for k in rs[0]
-                                      if k.startswith("probe/") and k.endswith("time_s")}}
+                                      if k.startswith("probe/") and "/time" in k}}  # capture time too (inside the backward)
     bare = out["bare"]["s_median"]
     for name, row in out.items():
         row["overhead_of_bare_step"] = (row["s_median"] - bare) / bare
