@@ -10,8 +10,12 @@ they are not counted in P. Estimators and the two-level split: ``probes/function
 How: while each microbatch of PPO epoch 0 runs forward and backward, hooks on the LoRA Linear
 layers (``probes/capture.py``) hand over each sequence's gradient of the rank's local loss,
 module by module; the probe keeps Σ_i |∇ℓ_i|² and, per example group, the running sum of its
-rows' gradients (a group may span consecutive microbatches), whose squared norm is added when
-the group's last row has passed. |g|² is the synced (all-reduced) gradient before clipping.
+rows' gradients (a group may span microbatches), whose squared norm is added when the group's
+last row has passed. Per module and microbatch that is a fixed handful of device kernels: the
+group sums are one matmul with a 0/1 membership matrix planned once per step, squares are summed
+in float64 from float32 rows, and nothing in the backward indexes, copies to the device or reads
+a value back (each would stall a GPU's queue once per module). |g|² is the synced (all-reduced)
+gradient before clipping.
 Scale: rank r's loss is the global loss × world size W on its rows, so Γ_p = (P/W)·Σ_{i∈p}
 ∇ℓ_i^local and γ_i = (P·G/W)·∇ℓ_i^local; with these factors the estimates do not depend on W.
 
@@ -35,10 +39,12 @@ with slightly different D).
 | `b_simple`, `b_simple_seq`, `b_simple_gen` | B_simple = trS_ema / g2_ema in example prompts, in sequences (× G), in generated prompts ((B + 1 − q)/q, exact with kl_beta = 0) |
 | `b_seq_G<k>` | predicted B_simple in sequences at group size k: k·(tr Σ_between + s_w/k) / g2_ema |
 | `adam`, `trS_adam_ema`, `g2_adam_ema`, `b_simple_adam` | with ``adam_view``: 1 when D was available this step, the D-weighted EMAs, and B_simple in prompts in Adam's metric (once resolved) |
-| `time_capture_s` | time in the capture hooks, inside the training backward (slowest rank; `time_s` excludes it) |
+| `time_capture_s` | host time in the capture hooks, inside the training backward (slowest rank; `time_s` excludes it; on a GPU the kernels run later, so this is their launch cost) |
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -50,6 +56,19 @@ from probes.manager import register
 from rl_training.errors import ConfigError
 
 OPTIONS = {"ema_beta", "group_sizes", "adam_view"}
+
+
+@dataclass
+class _Microbatch:
+    """The example groups with rows in one microbatch, those whose last row is here first."""
+
+    groups: list[tuple[int, bool]]  # (group id, completed in this microbatch)
+    members: torch.Tensor | None = None  # [groups, rows] 0/1, on the rows' device
+    row_is_member: torch.Tensor | None = None  # [rows] float64: the row belongs to an example group
+
+    @property
+    def completed(self) -> int:
+        return sum(done for _, done in self.groups)
 
 
 @register
@@ -82,28 +101,27 @@ class GnsProbe(Probe):
         self.add_stat("g2_adam", reduce="max")
         self.add_stat("adam", reduce="min")  # 1 when every rank had Adam's D this step
         self.add_stat("time_capture_s", reduce="max")  # spent inside the training backward (not in time_s)
-        self._rows_of_mb: dict = {}
+        self._plans: list[_Microbatch] = []
+        self._mb = _Microbatch([])
         self._open: dict[tuple[int, str], torch.Tensor] = {}  # partial sums of groups spanning microbatches
         self._sq_members = self._sq_groups = self._sq_groups_adam = torch.zeros((), dtype=torch.float64)
-        self._D: dict[str, torch.Tensor] | None = None
+        self._D: dict[str, torch.Tensor] | None = None  # Adam's D, flat float32 (adam_view)
 
     # -------------------------------------------------------------------------- hooks
     def on_before_microbatch(self, ctx: StepContext) -> None:
         if ctx.epoch > 0:
             return
         if ctx.microbatch_index == 0:
-            self._plan_step(ctx.batch)
-            self._D = F_fisher.adam_preconditioner(ctx.optimizer, ctx.trainable()) if self.adam_view else None
-        start = ctx.microbatch_index * ctx.cfg.train.microbatch_size
-        end = start + len(ctx.microbatch)
-        gid = ctx.batch.group_index[start:end]
-        # Rows of each example group in this microbatch, and whether the group ends here.
-        self._rows_of_mb = {int(g): ((gid == g).nonzero().flatten(), self._group_end[int(g)] < end)
-                            for g in gid.unique() if int(g) in self._examples}
-        self.capture.attach()
+            device = next(iter(ctx.trainable().values())).device
+            self._plan_step(ctx.batch, ctx.cfg.train.microbatch_size, device)
+            D = F_fisher.adam_preconditioner(ctx.optimizer, ctx.trainable()) if self.adam_view else None
+            self._D = None if D is None else {n: d.float().reshape(-1) for n, d in D.items()}
+        self._mb = self._plans[ctx.microbatch_index]
+        if self._mb.groups:  # a microbatch of filler groups only has nothing to capture
+            self.capture.attach()
 
     def on_after_backward(self, ctx: StepContext) -> None:
-        if ctx.epoch > 0:
+        if ctx.epoch > 0 or not self._mb.groups:
             return
         self.capture.detach()
         self.stats["time_capture_s"] += self.capture.seconds
@@ -124,40 +142,53 @@ class GnsProbe(Probe):
         self.stats["adam"] = float(self._D is not None)
         if self._D is not None:
             self.stats["sq_groups_adam"] += float(self._sq_groups_adam)
-            self.stats["g2_adam"] = float(sum((p.grad.double().pow(2) * self._D[n]).sum()
+            self.stats["g2_adam"] = float(sum((p.grad.double().pow(2) * self._D[n].view_as(p)).sum()
                                               for n, p in ctx.trainable().items() if p.grad is not None))
         st = ctx.batch.stats
         self.stats["groups"] += float(st.groups)
         self.stats["groups_accepted"] += float(st.groups - st.groups_rejected)
 
-    def _plan_step(self, batch) -> None:
-        """Which groups are examples (some nonzero advantage) and the last row of each."""
-        gid, adv = batch.group_index, batch.advantages
-        groups = [int(g) for g in gid.unique()]
+    def _plan_step(self, batch, microbatch_size: int, device: torch.device) -> None:
+        """Which groups are examples (some nonzero advantage), and per microbatch the 0/1 matrix
+        that sums its rows into their groups' partial gradients, built once per step on the
+        rows' device: the backward's hooks then index nothing, copy nothing to the device and
+        never wait for it, which on a GPU costs more than their arithmetic."""
+        gid, adv = batch.group_index.cpu(), batch.advantages.cpu()
+        groups = gid.unique().tolist()
         self._examples = {g for g in groups if bool((adv[gid == g] != 0).any())}
-        self._group_end = {g: int((gid == g).nonzero().max()) for g in groups}
+        last_row = {g: int((gid == g).nonzero().max()) for g in groups}
+        self._plans, blocks = [], []
+        for start in range(0, len(gid), microbatch_size):
+            part = gid[start:start + microbatch_size]
+            end = start + len(part)
+            present = [g for g in part.unique().tolist() if g in self._examples]
+            present.sort(key=lambda g: last_row[g] >= end)  # groups completed here first
+            self._plans.append(_Microbatch([(g, last_row[g] < end) for g in present]))
+            blocks.append((part[None, :] == torch.tensor(present, dtype=part.dtype)[:, None]).float())
+        packed = torch.cat([b.reshape(-1) for b in blocks]).to(device)  # one host-to-device copy a step
+        for plan, block, host in zip(self._plans, packed.split([b.numel() for b in blocks]), blocks):
+            plan.members = block.view(host.shape)
+            plan.row_is_member = plan.members.sum(0).double()
         self._open = {}
-        # Device-side sums: no host sync per module in the backward.
-        self._sq_members = self._sq_groups = self._sq_groups_adam = torch.zeros((), dtype=torch.float64)
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        self._sq_members = self._sq_groups = self._sq_groups_adam = zero
         self.stats["P"] += float(len(self._examples))
 
     def _on_rows(self, name: str, rows: torch.Tensor) -> None:
         """One parameter's per-row gradients [b, ...] of the current microbatch."""
+        plan = self._mb
         flat = rows.reshape(rows.shape[0], -1)
-        for g, (idx, ends_here) in self._rows_of_mb.items():
-            part = flat[idx.to(flat.device)].double()
-            self._sq_members = self._sq_members.to(part.device) + part.pow(2).sum()
-            total = part.sum(0)
+        self._sq_members = self._sq_members + flat.pow(2).sum(1, dtype=torch.float64) @ plan.row_is_member
+        partial = plan.members @ flat  # [groups here, params]: this microbatch's share of each Γ_p
+        for j, (g, _) in enumerate(plan.groups):
             if (g, name) in self._open:
-                total = total + self._open.pop((g, name))
-            if ends_here:
-                sq = total.pow(2)
-                self._sq_groups = self._sq_groups.to(part.device) + sq.sum()
-                if self._D is not None:
-                    w = self._D[name].reshape(-1).to(sq.device)
-                    self._sq_groups_adam = self._sq_groups_adam.to(part.device) + (sq * w).sum()
-            else:
-                self._open[(g, name)] = total
+                partial[j] += self._open.pop((g, name))
+        for j in range(plan.completed, len(plan.groups)):
+            self._open[(plan.groups[j][0], name)] = partial[j].clone()
+        sq = partial[:plan.completed].pow(2)
+        self._sq_groups = self._sq_groups + sq.sum(dtype=torch.float64)
+        if self._D is not None:
+            self._sq_groups_adam = self._sq_groups_adam + (sq * self._D[name]).sum(dtype=torch.float64)
 
     # -------------------------------------------------------------------------- results
     def on_reduced(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from probes.functional import gns as F
 from rl_training.config import load_config
@@ -108,3 +109,79 @@ def test_refuses_trainable_parameters_outside_linear_layers():
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
     with pytest.raises(ConfigError, match="inside nn.Linear"):
         linear_owners(model, {n for n, _ in model.named_parameters()})
+
+
+class _OpLog(TorchDispatchMode):
+    """The aten ops a block dispatches, and the largest float64 tensor it makes."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: set[str] = set()
+        self.f64_numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.add(func.overloadpacket.__name__)
+        if isinstance(out, torch.Tensor) and out.dtype == torch.float64:
+            self.f64_numel = max(self.f64_numel, out.numel())
+        return out
+
+
+def test_shuffled_groups_across_uneven_microbatches_without_device_stalls(monkeypatch):
+    """Groups scattered over microbatches of 5, 5 and 2 rows (TRL shuffles them), a filler
+    group that fills the last microbatch alone: the sums equal brute force, and the backward's hooks never index, read a value back or
+    build a float64 tensor larger than a row count (on a GPU each of these stalls or costs)."""
+    from types import SimpleNamespace
+
+    from probes.capture import LinearCapture
+    from probes.gns import GnsProbe
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 3, bias=False), torch.nn.Tanh(), torch.nn.Linear(3, 4))
+    G, rows, T = 4, 12, 3
+    group_index = torch.tensor([2, 0, 1, 0, 2, 0, 1, 0, 2, 2, 1, 1])  # the last microbatch: filler only
+    advantages = torch.where(group_index == 1, 0.0, torch.randn(rows))  # group 1: filler
+    x, coef = torch.randn(rows, T, 5), torch.randn(rows, T, 4)
+    batch = SimpleNamespace(group_index=group_index, advantages=advantages,
+                            stats=SimpleNamespace(groups=3, groups_rejected=1))
+    cfg = SimpleNamespace(rollout=SimpleNamespace(group_size=G), train=SimpleNamespace(microbatch_size=5))
+    probe = GnsProbe("gns")
+    probe.setup(SimpleNamespace(cfg=cfg, world=SimpleNamespace(world_size=1), model=model))
+    probe.reset_stats()
+    params = dict(model.named_parameters())
+
+    def row_losses(sel):
+        return (model(x[sel]) * coef[sel]).sum(dim=(1, 2)) * (1 + advantages[sel])
+
+    logs: list[_OpLog] = []
+    rows_hook = LinearCapture._rows
+
+    def logged_rows(self, attrs, xs, delta):
+        with _OpLog() as log:
+            rows_hook(self, attrs, xs, delta)
+        logs.append(log)
+
+    monkeypatch.setattr(LinearCapture, "_rows", logged_rows)
+    for i, start in enumerate(range(0, rows, 5)):
+        sel = slice(start, start + 5)
+        ctx = SimpleNamespace(epoch=0, microbatch_index=i, batch=batch, cfg=cfg, microbatch=group_index[sel],
+                              optimizer=None, trainable=lambda: params)
+        probe.on_before_microbatch(ctx)
+        row_losses(sel).sum().backward()
+        probe.on_after_backward(ctx)
+    probe.on_before_optimizer_step(ctx)
+
+    def sq_grad(idx):
+        grads = torch.autograd.grad(row_losses(idx).sum(), list(params.values()))
+        return sum(float(g.double().pow(2).sum()) for g in grads)
+
+    examples = [0, 2]
+    want_groups = sum(sq_grad((group_index == g).nonzero().flatten()) for g in examples)
+    want_members = sum(sq_grad(torch.tensor([i])) for i in range(rows) if int(group_index[i]) in examples)
+    assert probe.stats["P"] == 2
+    assert probe.stats["sq_groups"] == pytest.approx(want_groups, rel=1e-6)
+    assert probe.stats["sq_members"] == pytest.approx(want_members, rel=1e-6)
+    assert len(logs) == 2 * 2  # 2 Linear modules × the 2 microbatches with example rows
+    for log in logs:
+        assert not log.ops & {"index", "index_select", "nonzero", "masked_select", "_local_scalar_dense", "item"}
+        assert log.f64_numel <= 5
