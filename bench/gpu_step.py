@@ -7,18 +7,21 @@ The step is the 2×H100 config at one rank as issue 12 measures it (128 sequence
 tokens, LoRA r64 on all seven projections, microbatch 8; ``--shape tiny``: 8 × 16). Prints one
 table and writes JSON:
 
-- decode: the rollout engine on B prompts × L new tokens, LoRA unmerged and merged, alternated;
-  completion tokens/s and ms per decode step against the bound of reading every weight once
-  per step at the measured copy bandwidth;
-- step: our trainer without probes, with δH (B_E 16) and with gns + ess, alternated step by
-  step (three trainers, one model each), medians, each probe's extra time over the bare step;
+- decode: the rollout engine on B prompts × L new tokens, LoRA unmerged, merged, and merged with
+  a static KV cache and a compiled forward (``--compile-backend``, inductor: CUDA graphs on a
+  GPU; its first call, the compilation, is reported apart), alternated; completion tokens/s and
+  ms per decode step against the bound of reading every weight once per step at the measured
+  copy bandwidth; a compile failure is reported, not fatal;
+- step: our trainer without probes, with δH (B_E 16), with gns + ess, and without probes but
+  with the compiled decode, alternated step by step (four trainers, one model each), medians,
+  each one's extra time over the bare step;
 - the rollout–training mismatch our trainer logs (mean and max |Δ log π| per token);
 - TRL 1.16's GRPOTrainer on the same model and work, alternated with ours (``--trl``; needs trl
   and datasets installed);
 - peak GPU memory.
 
     python bench/gpu_step.py --shape qwen2.5-1.5b --tokenizer .carry/smollm2_tokenizer --trl --out $OUT/gpu_step.json
-    python bench/gpu_step.py --shape tiny --steps 1 --out /tmp/gpu_step.json      # CPU, a minute
+    python bench/gpu_step.py --shape tiny --steps 1 --compile-backend eager --out /tmp/gpu_step.json  # CPU, a minute
 """
 
 from __future__ import annotations
@@ -54,10 +57,11 @@ SETTINGS = {  # shape -> (config, overrides, decode rows B, new tokens L)
               "train.buffer_size=8", "rollout.prompts_per_round=2", "rollout.generation_batch_size=8",
               "rollout.max_new_tokens=16", "train.microbatch_size=4", "train.lr=1e-4"], 8, 16),
 }
-PROBES = {
-    "bare": "probes.probes=[]",
-    "delta_h": "probes.probes=[{name: delta_h, kind: delta_h, options: {batch_size: 16}}]",
-    "gns_ess": "probes.probes=[{name: gns, kind: gns}, {name: ess, kind: ess}]",
+TRAINERS = {  # name -> overrides
+    "bare": ["probes.probes=[]"],
+    "delta_h": ["probes.probes=[{name: delta_h, kind: delta_h, options: {batch_size: 16}}]"],
+    "gns_ess": ["probes.probes=[{name: gns, kind: gns}, {name: ess, kind: ess}]"],
+    "compiled": ["probes.probes=[]", "rollout.compile_decode=always"],
 }
 
 
@@ -81,26 +85,32 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * n / best
 
 
-def decode(trainer, rows: int, new_tokens: int, reps: int) -> dict:
-    """Unmerged and merged LoRA decode of the same rows, alternated; medians."""
+def decode(trainer, rows: int, new_tokens: int, reps: int, backend: str) -> dict:
+    """Unmerged, merged and merged-compiled LoRA decode of the same rows, alternated; medians.
+    Rep 0 warms up (and compiles); the compiled engine's first call is reported as compile_s."""
     cfg = trainer.cfg
     records = trainer.scheduler.records
     prompts = [trainer.prompt_fn(records[i % len(records)].question) for i in range(rows)]
     seeds = list(range(rows))
     settings = dict(max_new_tokens=new_tokens, temperature=cfg.rollout.temperature, stop_strings=(),
                     max_prompt_tokens=cfg.data.max_prompt_tokens)
-    out = {}
+    engines = {"unmerged": HFEngine(trainer.policy, trainer.tokenizer),
+               "merged": HFEngine(trainer.policy, trainer.tokenizer, merge_lora=True),
+               "merged, compiled": HFEngine(trainer.policy, trainer.tokenizer, merge_lora=True, compile_backend=backend)}
+    out, compile_s = {}, None
     for rep in range(reps + 1):
-        for merged in (False, True) if rep % 2 else (True, False):
-            engine = HFEngine(trainer.policy, trainer.tokenizer, merge_lora=merged)
+        names = list(engines) if rep % 2 else list(engines)[::-1]
+        for name in names:
+            engine = engines[name]
             sync()
             t0 = time.perf_counter()
             comps = engine.generate(prompts, seeds, **settings)
             sync()
             seconds = time.perf_counter() - t0
             if rep == 0:
+                compile_s = seconds if name == "merged, compiled" else compile_s
                 continue  # warm-up
-            row = out.setdefault("merged" if merged else "unmerged", {"s": [], "tokens": [], "steps": []})
+            row = out.setdefault(name, {"s": [], "tokens": [], "steps": []})
             row["s"].append(seconds)
             row["tokens"].append(int(comps.completion_mask.sum()))
             row["steps"].append(int(comps.completion_ids.shape[1]))
@@ -108,6 +118,8 @@ def decode(trainer, rows: int, new_tokens: int, reps: int) -> dict:
         s = statistics.median(row["s"])
         row.update(s_median=s, tokens_per_s=statistics.median(row["tokens"]) / s,
                    ms_per_decode_step=1e3 * s / statistics.median(row["steps"]))
+    compiled = engines["merged, compiled"].compile_backend is not None
+    out["merged, compiled"].update(compile_s=compile_s, compiled=compiled)  # False: it fell back to eager
     return out
 
 
@@ -146,6 +158,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps of each trainer, after one warm-up step")
     ap.add_argument("--decode-reps", type=int, default=2)
     ap.add_argument("--trl", action="store_true", help="also alternate TRL's GRPOTrainer with ours")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled decode")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gpu_step.json")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gpu_step_"))
@@ -155,11 +168,12 @@ def main() -> None:
     dtype = torch.bfloat16 if args.shape != "tiny" else torch.float32
     model_dir = save_random_model(tokenizer, work / "model", args.shape, dtype)
     cfg_path, overrides, rows, new_tokens = SETTINGS[args.shape]
-    base = [*COMMON, *overrides, f"model.name_or_path={model_dir}", f"output_dir={work / 'runs'}"]
+    base = [*COMMON, *overrides, f"model.name_or_path={model_dir}", f"output_dir={work / 'runs'}",
+            f"rollout.compile_backend={args.compile_backend}"]
     world = dist.init("auto", force_collectives=False)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    sessions = {name: build_session(load_config(REPO / cfg_path, [*base, spec]), world) for name, spec in PROBES.items()}
+    sessions = {name: build_session(load_config(REPO / cfg_path, [*base, *extra]), world) for name, extra in TRAINERS.items()}
     trainers = {name: s.trainer for name, s in sessions.items()}
     bare = trainers["bare"]
     params = sum(p.numel() * p.element_size() for p in bare.policy.parameters())
@@ -169,7 +183,7 @@ def main() -> None:
               "weight_bytes": params, "copy_bandwidth_bytes_per_s": bandwidth,
               "bound_ms_per_decode_step": 1e3 * params / bandwidth, "rows": rows, "new_tokens": new_tokens,
               "engine_merge_lora": bare.engine.merge_lora}
-    result["decode"] = decode(bare, rows, new_tokens, args.decode_reps)
+    result["decode"] = decode(bare, rows, new_tokens, args.decode_reps, args.compile_backend)
     result["steps"] = steps(trainers, args.steps)
     if args.trl:
         sys.path.insert(0, str(REPO / "bench"))
@@ -190,13 +204,19 @@ def table(r: dict) -> str:
              f"{r['copy_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s, bound {r['bound_ms_per_decode_step']:.2f} ms/step", "",
              "| what | value |", "|---|---|"]
     for kind, d in r["decode"].items():
+        note = ""
+        if "compile_s" in d:
+            note = f"; first call {d['compile_s']:.1f} s" if d["compiled"] else "; compile FAILED, eager fallback"
         lines.append(f"| decode, LoRA {kind} | {d['tokens_per_s']:.0f} tok/s, {d['ms_per_decode_step']:.2f} ms/step "
-                     f"({d['ms_per_decode_step'] / r['bound_ms_per_decode_step']:.1f}× the bound) |")
+                     f"({d['ms_per_decode_step'] / r['bound_ms_per_decode_step']:.1f}× the bound{note}) |")
     s = r["steps"]
     lines.append(f"| our step, no probes (engine merge_lora={r['engine_merge_lora']}) | {s['bare']['s_median']:.2f} s, "
                  f"rollout {s['bare']['rollout_s_median']:.2f} s, {s['bare']['completion_tokens_per_s']:.0f} tok/s |")
     for name in ("delta_h", "gns_ess"):
         lines.append(f"| {name} probe(s), extra / bare step | {s[name]['overhead_of_bare_step']:+.3f} |")
+    c = s["compiled"]
+    lines.append(f"| our step, no probes, compiled decode | {c['s_median']:.2f} s ({c['overhead_of_bare_step']:+.3f}), "
+                 f"rollout {c['rollout_s_median']:.2f} s, {c['completion_tokens_per_s']:.0f} tok/s |")
     lines.append(f"| rollout–training mismatch, mean / max per token | {s['bare']['logp_mismatch_tok']:.2g} / "
                  f"{s['bare']['logp_mismatch_max']:.2g} nats |")
     if "trl" in r:

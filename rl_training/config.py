@@ -69,6 +69,10 @@ class RolloutConfig:
     max_rounds: int = 8  # sampling rounds per step before training on what was accepted
     generation_batch_size: int = 16  # sequences per generate() call
     merge_lora: str = "auto"  # always | never | auto (merged for a GPU model): decode with LoRA merged (rl_training/engine.py)
+    # always | never | auto (on a GPU): static KV cache + compiled forward (CUDA graphs). "never"
+    # until bench/gpu_step.py has measured it on a GPU: compiling costs minutes per new shape.
+    compile_decode: str = "never"
+    compile_backend: str = "inductor"  # torch.compile backend of compile_decode ("eager": trace only, for tests)
 
 
 @dataclass
@@ -293,6 +297,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _check(r.top_p == 1.0, "rollout.top_p", "must be 1.0: the probes need the full-vocabulary policy (use temperature)")
     _check(r.top_k == 0, "rollout.top_k", "must be 0 (off): the probes need the full-vocabulary policy (use temperature)")
     _check(r.merge_lora in ("auto", "always", "never"), "rollout.merge_lora", f"must be auto|always|never, got {r.merge_lora!r}")
+    _check(r.compile_decode in ("auto", "always", "never"), "rollout.compile_decode",
+           f"must be auto|always|never, got {r.compile_decode!r}")
     _check(r.max_rounds >= 1, "rollout.max_rounds", "must be >= 1")
     _check(r.generation_batch_size >= 1, "rollout.generation_batch_size", "must be >= 1")
     _check(t.total_steps >= 1, "train.total_steps", "must be >= 1")

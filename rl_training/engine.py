@@ -8,6 +8,8 @@ log-probability it sampled each token with (``Completions.logp``): the trainer l
 that is from the policy its loss scores (``rollout/logp_mismatch_*``).
 
 ``HFEngine`` is transformers' ``generate`` with our exact sampler (``sampling.sample``). With
+``compile_backend`` it decodes with a static KV cache and a compiled forward (CUDA graphs on a
+GPU); a compile failure falls back to the eager path, once, with a warning. With
 ``merge_lora`` it decodes with the LoRA update merged into the generation weights: one matmul
 per projection instead of three, the gain on a launch-bound GPU decode. The merged weights
 W + s·B·A are rounded to the model's dtype, so the sampler's policy differs from the trainer's
@@ -18,6 +20,7 @@ bit after the call (from a copy: W + ΔW − ΔW is not W in bf16).
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Protocol
 
 import torch
@@ -32,14 +35,23 @@ class RolloutEngine(Protocol):
 
 
 class HFEngine:
-    def __init__(self, model, tokenizer, merge_lora: bool = False):
+    def __init__(self, model, tokenizer, merge_lora: bool = False, compile_backend: str | None = None):
         self.model, self.tokenizer, self.merge_lora = model, tokenizer, merge_lora
+        self.compile_backend = compile_backend  # None: eager decode with a dynamic cache
 
-    def generate(self, prompts: list[str], seeds: list[int], *, max_new_tokens: int, temperature: float,
-                 stop_strings: tuple[str, ...], max_prompt_tokens: int) -> Completions:
+    def generate(self, prompts: list[str], seeds: list[int], **settings) -> Completions:
         with merged_lora(self.model) if self.merge_lora else contextlib.nullcontext():
-            return sample(self.model, self.tokenizer, prompts, seeds, max_new_tokens=max_new_tokens,
-                          temperature=temperature, stop_strings=stop_strings, max_prompt_tokens=max_prompt_tokens)
+            if self.compile_backend:
+                try:
+                    return sample(self.model, self.tokenizer, prompts, seeds, **settings,
+                                  compile_backend=self.compile_backend)
+                except AssertionError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - any compile failure: the eager path is the same policy
+                    print(f"warning: compiled decode failed ({type(e).__name__}: {str(e)[:200]}); "
+                          f"decoding eagerly for the rest of the run", file=sys.stderr)
+                    self.compile_backend = None
+            return sample(self.model, self.tokenizer, prompts, seeds, **settings)
 
 
 class RidingEngine:
@@ -69,11 +81,16 @@ class RidingEngine:
 
 
 def build_engine(cfg, model, tokenizer) -> HFEngine:
-    """``rollout.merge_lora``: always | never | auto (merged where the model lives on a GPU; the
-    CPU keeps the unmerged path, whose sampler and trainer see the same policy up to float rounding)."""
-    mode = cfg.rollout.merge_lora
+    """``rollout.merge_lora`` and ``rollout.compile_decode``: always | never | auto (on where the
+    model lives on a GPU; the CPU keeps the eager unmerged path, whose sampler and trainer see the
+    same policy up to float rounding)."""
     on_gpu = next(model.parameters()).device.type == "cuda"
-    return HFEngine(model, tokenizer, merge_lora=mode == "always" or (mode == "auto" and on_gpu))
+
+    def wanted(mode: str) -> bool:
+        return mode == "always" or (mode == "auto" and on_gpu)
+
+    backend = cfg.rollout.compile_backend if wanted(cfg.rollout.compile_decode) else None
+    return HFEngine(model, tokenizer, merge_lora=wanted(cfg.rollout.merge_lora), compile_backend=backend)
 
 
 @contextlib.contextmanager

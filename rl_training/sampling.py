@@ -12,7 +12,7 @@ import hashlib
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList
 
 from rl_training.policy import trim
 from rl_training.stops import completion_length
@@ -107,6 +107,15 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+def compiled_generation(backend: str, device: torch.device) -> dict:
+    """``generate`` arguments for a static KV cache and a compiled forward on any device (HF
+    compiles on its own only on accelerators; CUDA graphs where the device has them)."""
+    config = CompileConfig(backend=backend, fullgraph=False, dynamic=False,
+                           mode="reduce-overhead" if device.type == "cuda" and backend == "inductor" else None)
+    config._compile_all_devices = True
+    return {"cache_implementation": "static", "compile_config": config}
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -118,14 +127,22 @@ def sample(
     temperature: float,
     stop_strings: tuple[str, ...],
     max_prompt_tokens: int,
+    compile_backend: str | None = None,
 ) -> Completions:
-    """One completion per (prompt, seed) pair; repeat a prompt G times for a group."""
+    """One completion per (prompt, seed) pair; repeat a prompt G times for a group.
+
+    ``compile_backend`` (e.g. "inductor"): decode with a static KV cache and the model's forward
+    compiled by that torch.compile backend (on a GPU with CUDA graphs: the decode is
+    launch-bound). Prompts are then left-padded to ``max_prompt_tokens`` so that every call of a
+    run has the same shapes and compiles once.
+    """
     assert len(prompts) == len(seeds)
     device = next(model.parameters()).device
     enc = tokenizer(
         prompts,
         return_tensors="pt",
-        padding=True,
+        padding="max_length" if compile_backend else True,
+        max_length=max_prompt_tokens if compile_backend else None,
         add_special_tokens=False,
     ).to(device)
     # Prompts were checked against the budget when the run was set up; never cut one here.
@@ -153,6 +170,7 @@ def sample(
             eos_token_id=sorted(eos),
             pad_token_id=pad_id,
             use_cache=True,
+            **(compiled_generation(compile_backend, device) if compile_backend else {}),
         )
     finally:
         model.train(was_training)
@@ -169,7 +187,7 @@ def sample(
         completion_mask[i, :n] = 1
         logp[i, :n] = sampled[i, :n]
     texts = [tokenizer.decode(completion_ids[i, :n], skip_special_tokens=True) for i, n in enumerate(lengths)]
-    return Completions(
+    comps = Completions(
         prompt_ids=enc["input_ids"].cpu(),
         prompt_mask=enc["attention_mask"].cpu(),
         completion_ids=completion_ids,
@@ -177,3 +195,4 @@ def sample(
         texts=texts,
         logp=logp,
     )
+    return comps.rows(slice(None))  # without the padding to max_prompt_tokens of a compiled decode

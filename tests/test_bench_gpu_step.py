@@ -19,20 +19,22 @@ pytest.importorskip("trl")
 def test_gpu_step_bench_smoke_on_the_tiny_shape(tmp_path):
     out = tmp_path / "gpu_step.json"
     cmd = [sys.executable, "bench/gpu_step.py", "--shape", "tiny", "--steps", "1", "--decode-reps", "1", "--trl",
-           "--out", str(out)]
+           "--compile-backend", "eager", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert "| decode, LoRA merged |" in proc.stdout and "| ours / TRL, s per step |" in proc.stdout
     assert r["rows"] == 8 and r["new_tokens"] == 16 and r["engine_merge_lora"] is False  # CPU: exact path
-    for kind in ("merged", "unmerged"):
+    assert r["decode"]["merged, compiled"]["compiled"] is True and r["decode"]["merged, compiled"]["compile_s"] > 0
+    for kind in ("merged", "unmerged", "merged, compiled"):
         d = r["decode"][kind]
         assert d["tokens"] == [8 * 16] or all(0 < t <= 8 * 16 for t in d["tokens"])
         assert d["tokens_per_s"] > 0 and d["ms_per_decode_step"] > 0
     assert r["bound_ms_per_decode_step"] > 0
-    for name in ("bare", "delta_h", "gns_ess"):
+    for name in ("bare", "delta_h", "gns_ess", "compiled"):
         assert math.isfinite(r["steps"][name]["overhead_of_bare_step"])
     assert r["steps"]["bare"]["overhead_of_bare_step"] == 0.0
     assert r["steps"]["delta_h"]["probe_time_s"] and r["steps"]["gns_ess"]["probe_time_s"]
-    assert 0 <= r["steps"]["bare"]["logp_mismatch_tok"] < 1e-3  # fp32: rounding only
+    for name in ("bare", "compiled"):
+        assert 0 <= r["steps"][name]["logp_mismatch_tok"] < 1e-3  # fp32: rounding only
     assert math.isfinite(r["trl"]["ratio_ours_over_trl_s_per_step"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.utils import counters as dynamo_counters
 
 from rl_training.config import load_config
 from rl_training.engine import HFEngine, build_engine, merged_lora
@@ -61,3 +62,42 @@ def test_build_engine_merges_on_a_gpu_or_when_asked():
     assert build_engine(cfg, model, tokenizer).merge_lora
     with pytest.raises(ConfigError, match="rollout.merge_lora"):
         load_config(TINY, ["rollout.merge_lora=sometimes"])
+
+
+@pytest.mark.parametrize("merge", [False, True], ids=["unmerged", "merged"])
+def test_compiled_static_cache_decode_samples_the_same_completions_in_fp32(merge):
+    """Static KV cache, prompts padded to max_prompt_tokens, forward traced by dynamo (the
+    "eager" backend: the inductor and CUDA-graph code generation below it is torch's, and minutes
+    on these cores): the same tokens as the eager dynamic-cache decode."""
+    tokenizer, model = lora_model(torch.float32)
+    seeds = [11, 12, 13, 14]
+    eager = HFEngine(model, tokenizer, merge_lora=merge).generate(PROMPTS, seeds, **SETTINGS)
+    engine = HFEngine(model, tokenizer, merge_lora=merge, compile_backend="eager")
+    dynamo_counters.clear()
+    compiled = engine.generate(PROMPTS, seeds, **SETTINGS)
+    assert engine.compile_backend == "eager", "no fallback was taken"
+    assert dynamo_counters["stats"]["unique_graphs"] == 1, "the forward was traced into one graph"
+    assert torch.equal(compiled.prompt_ids, eager.prompt_ids), "returned without the padding to max_prompt_tokens"
+    assert torch.equal(eager.completion_ids, compiled.completion_ids)
+    assert float((eager.logp - compiled.logp).abs().max()) < 1e-4
+
+
+def test_a_failing_compile_falls_back_to_eager_decode_once(capsys):
+    tokenizer, model = lora_model(torch.float32)
+    seeds = [11, 12, 13, 14]
+    eager = HFEngine(model, tokenizer).generate(PROMPTS, seeds, **SETTINGS)
+    engine = HFEngine(model, tokenizer, compile_backend="no_such_backend")
+    out = engine.generate(PROMPTS, seeds, **SETTINGS)
+    assert "compiled decode failed" in capsys.readouterr().err
+    assert engine.compile_backend is None
+    assert torch.equal(eager.completion_ids, out.completion_ids)
+
+
+def test_build_engine_compiles_decode_only_when_asked_on_cpu():
+    tokenizer, model = lora_model(torch.float32)
+    cfg = load_config(TINY, ["rollout.compile_decode=auto"])
+    assert build_engine(cfg, model, tokenizer).compile_backend is None  # auto: GPU only
+    cfg = load_config(TINY, ["rollout.compile_decode=always", "rollout.compile_backend=eager"])
+    assert build_engine(cfg, model, tokenizer).compile_backend == "eager"
+    with pytest.raises(ConfigError, match="rollout.compile_decode"):
+        load_config(TINY, ["rollout.compile_decode=yes"])
