@@ -37,6 +37,7 @@ over all ranks, default 16), ``completions_per_prompt`` (k, default 2), ``microb
 | `stop_frac` | fraction of E-batch completions that ended at a stop token (not the budget) |
 | `stops_multi` | completions that ended with a multi-token stop string (decision seen only at its last token) |
 | `logp_gap_tok` | mean per-token |log π in the probe's precision − log π in the model's| (0 when they are the same) |
+| `sampler_gap_tok`, `sampler_ess_frac` | how far the policy that sampled the E-batch (bf16, LoRA-merged or compiled decode) is from the evaluated π_θk: mean per-token |log π_θk − log π_sampler|, and Kish ESS / B_E of the sequence weights π_θk(y)/π_sampler(y) that would correct for it (1: no correction needed) |
 | `time_gen_s`, `time_fwd_s`, `time_jvp_s` | cost: E-batch generation, the two forwards, the derivative pass (slowest rank) |
 """
 
@@ -81,8 +82,9 @@ class DeltaHProbe(Probe):
         self._evaluator = None
         self._ebatch = None
         self.add_stat("tables", reduce="cat")  # [B, F, L] TokenTable rows of each microbatch
-        self.add_stat("rows", reduce="cat")  # [B, 2]: pool index, ended (0 budget, 1 stop, 2 multi-token stop)
-        for k in ("tok_n", "tok_lp", "tok_a", "tok_lpa", "gap_sum", "gap_n"):
+        # [B, 3]: pool index, ended (0 budget, 1 stop, 2 multi-token stop), log π_θk(y)/π_sampler(y)
+        self.add_stat("rows", reduce="cat")
+        for k in ("tok_n", "tok_lp", "tok_a", "tok_lpa", "gap_sum", "gap_n", "sampler_gap_sum", "sampler_gap_n"):
             self.add_stat(k)
         for part in ("gen", "fwd", "jvp"):  # cost breakdown, slowest rank
             self.add_stat(f"time_{part}_s", reduce="max")
@@ -160,9 +162,23 @@ class DeltaHProbe(Probe):
             if ev.dtype != next(p.dtype for p in model.parameters() if not p.requires_grad):
                 gap, count = self._precision_gap(model, tensors, stops, theta_new, new["lp"])
                 timer["gap_sum"], timer["gap_n"] = timer.get("gap_sum", 0.0) + gap, timer.get("gap_n", 0.0) + count
-            yield self._table(tensors, always, extra, extra_mask, old, new, d, ebatch.prompt[rows])
+            log_w = self._sampler_log_weights(ebatch, rows, tensors, old["lp"], timer)
+            yield self._table(tensors, always, extra, extra_mask, old, new, d, ebatch.prompt[rows], log_w)
 
-    def _table(self, tensors, always, extra, extra_mask, old, new, d, prompt):
+    @staticmethod
+    def _sampler_log_weights(ebatch: EBatch, rows: slice, tensors, lp: torch.Tensor, timer: dict) -> torch.Tensor:
+        """Per row Σ_t (log π_θk − log π_sampler) over its tokens, and the per-token gap into
+        ``timer``: the sampler reports the log-prob it drew each token with (nan: it did not)."""
+        sampled = ebatch.completions.logp
+        mask = tensors.completion_mask.double()
+        if sampled is None:
+            return torch.full((mask.shape[0],), float("nan"), dtype=torch.float64)
+        diff = (lp.detach().double().cpu() - sampled[rows, : mask.shape[1]].double()) * mask
+        timer["sampler_gap_sum"] = timer.get("sampler_gap_sum", 0.0) + float(diff.abs().sum())
+        timer["sampler_gap_n"] = timer.get("sampler_gap_n", 0.0) + float(mask.sum())
+        return diff.sum(-1)
+
+    def _table(self, tensors, always, extra, extra_mask, old, new, d, prompt, log_w):
         mask = tensors.completion_mask.double()
         cont, in_always, in_extra = F.stop_split(tensors.completion_ids, mask, always, extra, extra_mask)
         zero = torch.zeros_like(mask)
@@ -178,7 +194,7 @@ class DeltaHProbe(Probe):
         ended = torch.where(in_always.gather(1, last), 1, torch.where(in_extra.gather(1, last), 2, 0)).squeeze(1)
         width = table.mask.shape[1]
         stacked = torch.nn.functional.pad(table.stack(), (0, self.l_budget - width))
-        return stacked, torch.stack([prompt.double(), ended.double()], dim=1)
+        return stacked, torch.stack([prompt.double(), ended.double(), log_w], dim=1)
 
     def _precision_gap(self, model, tensors, stops, trainable, lp_probe) -> tuple[float, float]:
         """Σ|log π in the probe's precision − log π in the model's own| and the token count: how
@@ -202,6 +218,8 @@ class DeltaHProbe(Probe):
         out.update(self.estimates(s["tables"], s["rows"]))
         out["cov_pred"] = F.cov_prediction(self.lr, s["tok_n"], s["tok_lp"], s["tok_a"], s["tok_lpa"])
         out["logp_gap_tok"] = s["gap_sum"] / s["gap_n"] if s["gap_n"] else 0.0
+        if s["sampler_gap_n"]:
+            out["sampler_gap_tok"] = s["sampler_gap_sum"] / s["sampler_gap_n"]
         return out
 
     def estimates(self, tables: list, rows: list) -> dict[str, float]:
@@ -212,6 +230,9 @@ class DeltaHProbe(Probe):
         meta = torch.cat(rows)
         out = F.estimate(tab, meta[:, 0].long(), meta[:, 1].long(), self.pool_size)
         out["ratio"] = out["pred"] / out["true"] if out["true"] else float("nan")
+        log_w = meta[:, 2]
+        if bool(torch.isfinite(log_w).all()):
+            out["sampler_ess_frac"] = F.kish_ess_frac(log_w)
         L = float(self.l_budget)
         out.update(pred_tok=out["pred"] / L, true_tok=out["true"] / L, H_tok=out["H"] / L)
         return out

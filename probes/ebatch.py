@@ -137,9 +137,10 @@ class EBatchSource:
     @contextlib.contextmanager
     def riding(self, engine, step: int, specs: set[EBatchSpec]):
         """An engine for the step's rollouts that also generates the E-batches of ``specs`` in its
-        first call; on exit they are the step's E-batches. Only with an engine that samples the
-        policy the probes evaluate (not LoRA-merged: rounding would make it another policy)."""
-        if not specs or getattr(engine, "merge_lora", True):
+        first call; on exit they are the step's E-batches. With any engine: LoRA-merged or
+        compiled decoding samples the evaluated policy up to rounding, as a separate pass by the
+        bf16 model does, and the δH probe measures how far (``sampler_gap_tok``, ``sampler_ess_frac``)."""
+        if not specs:
             yield engine
             return
         wanted = {spec: self.requests(step, spec) for spec in specs}

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from probes.ebatch import EBatchSpec, ebatch_plan
+from probes.ebatch import EBatch, EBatchSpec, ebatch_plan
 from rl_training.errors import ConfigError
 
 
@@ -74,8 +74,12 @@ def _count_calls(monkeypatch, trainer):
     return calls
 
 
-def test_the_ebatch_rides_in_the_first_rollout_call_and_is_the_same_ebatch(monkeypatch):
-    s = _session("probes.probes=[{name: a, kind: delta_h, options: {batch_size: 8}}]", "rollout.filter_groups=false")
+@pytest.mark.parametrize("merge", ["never", "always"])
+def test_the_ebatch_rides_in_the_first_rollout_call_and_is_the_same_ebatch(monkeypatch, merge):
+    """Also with LoRA merged into the generation weights: in fp32 the same tokens, and the δH
+    probe reports how far the sampler's policy is from the one it evaluates (rounding only)."""
+    s = _session("probes.probes=[{name: a, kind: delta_h, options: {batch_size: 8}}]", "rollout.filter_groups=false",
+                 f"rollout.merge_lora={merge}")
     tr = s.trainer
     spec = tr.probes.probes[0].spec
     alone = tr.ebatches.sample(tr.policy, 1, spec)  # at θ_0, what a separate pass would draw
@@ -93,13 +97,22 @@ def test_the_ebatch_rides_in_the_first_rollout_call_and_is_the_same_ebatch(monke
     for a, b in zip(rode.tensors, alone.tensors):
         assert torch.equal(a, b)
     assert out.metrics["probe/a/n"] == 8
+    assert 0 < out.metrics["probe/a/sampler_gap_tok"] < 1e-5  # fp32 rounding
+    assert out.metrics["probe/a/sampler_ess_frac"] > 1 - 1e-6
 
 
-def test_with_merged_generation_weights_the_ebatch_is_drawn_apart(monkeypatch):
-    s = _session("probes.probes=[{name: a, kind: delta_h, options: {batch_size: 8}}]", "rollout.merge_lora=always",
-                 "rollout.filter_groups=false")
-    tr = s.trainer
-    calls = _count_calls(monkeypatch, tr)
-    tr.train_step()
-    assert sum(calls) == s.cfg.rollout.prompts_per_round * s.cfg.rollout.group_size  # rollouts only
-    assert tr.ebatches.generations == 1  # by the exact sampler, in the probe's hook
+def test_sampler_log_weights_are_the_evaluated_minus_the_sampled_log_probs():
+    from probes.delta_h import DeltaHProbe
+    from rl_training.sampling import Completions
+
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    sampled = torch.randn(3, 4) * mask
+    lp = sampled.double() + torch.tensor([[0.1], [-0.2], [0.3]])  # the evaluated policy, shifted per row
+    comps = Completions(mask, mask, mask, mask, ["", "", ""], logp=sampled)
+    ebatch = EBatch(comps, torch.arange(3))
+    timer = {}
+    log_w = DeltaHProbe._sampler_log_weights(ebatch, slice(1, 3), ebatch.tensors.rows(slice(1, 3)), lp[1:], timer)
+    torch.testing.assert_close(log_w, torch.tensor([-0.4, 1.2], dtype=torch.float64), rtol=0, atol=1e-6)
+    assert timer["sampler_gap_n"] == 6 and timer["sampler_gap_sum"] == pytest.approx(0.4 + 1.2, abs=1e-6)
+    no_logp = EBatch(Completions(mask, mask, mask, mask, ["", "", ""]), torch.arange(3))
+    assert torch.isnan(DeltaHProbe._sampler_log_weights(no_logp, slice(0, 3), no_logp.tensors, lp, {})).all()
