@@ -21,6 +21,7 @@ table and writes JSON:
 - peak GPU memory.
 
     python bench/gpu_step.py --shape qwen2.5-1.5b --tokenizer .carry/smollm2_tokenizer --trl --out $OUT/gpu_step.json
+    python bench/gpu_step.py --shape qwen2.5-1.5b --tokenizer .carry/smollm2_tokenizer --trainers gns_ess --steps 5
     python bench/gpu_step.py --shape tiny --steps 1 --compile-backend eager --out /tmp/gpu_step.json  # CPU, a minute
 """
 
@@ -159,8 +160,13 @@ def main() -> None:
     ap.add_argument("--decode-reps", type=int, default=2)
     ap.add_argument("--trl", action="store_true", help="also alternate TRL's GRPOTrainer with ours")
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled decode")
+    ap.add_argument("--trainers", default=",".join(TRAINERS),
+                    help=f"comma-separated subset of {','.join(TRAINERS)} (bare is always included)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gpu_step.json")
     args = ap.parse_args()
+    chosen = ["bare", *[t for t in args.trainers.split(",") if t and t != "bare"]]
+    if unknown := set(chosen) - set(TRAINERS):
+        ap.error(f"--trainers: unknown {sorted(unknown)} (known: {', '.join(TRAINERS)})")
     work = Path(tempfile.mkdtemp(prefix="gpu_step_"))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda") if cuda else torch.device("cpu")
@@ -173,7 +179,7 @@ def main() -> None:
     world = dist.init("auto", force_collectives=False)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    sessions = {name: build_session(load_config(REPO / cfg_path, [*base, *extra]), world) for name, extra in TRAINERS.items()}
+    sessions = {name: build_session(load_config(REPO / cfg_path, [*base, *TRAINERS[name]]), world) for name in chosen}
     trainers = {name: s.trainer for name, s in sessions.items()}
     bare = trainers["bare"]
     params = sum(p.numel() * p.element_size() for p in bare.policy.parameters())
@@ -213,10 +219,11 @@ def table(r: dict) -> str:
     lines.append(f"| our step, no probes (engine merge_lora={r['engine_merge_lora']}) | {s['bare']['s_median']:.2f} s, "
                  f"rollout {s['bare']['rollout_s_median']:.2f} s, {s['bare']['completion_tokens_per_s']:.0f} tok/s |")
     for name in ("delta_h", "gns_ess"):
-        lines.append(f"| {name} probe(s), extra / bare step | {s[name]['overhead_of_bare_step']:+.3f} |")
-    c = s["compiled"]
-    lines.append(f"| our step, no probes, compiled decode | {c['s_median']:.2f} s ({c['overhead_of_bare_step']:+.3f}), "
-                 f"rollout {c['rollout_s_median']:.2f} s, {c['completion_tokens_per_s']:.0f} tok/s |")
+        if name in s:
+            lines.append(f"| {name} probe(s), extra / bare step | {s[name]['overhead_of_bare_step']:+.3f} |")
+    if c := s.get("compiled"):
+        lines.append(f"| our step, no probes, compiled decode | {c['s_median']:.2f} s ({c['overhead_of_bare_step']:+.3f}), "
+                     f"rollout {c['rollout_s_median']:.2f} s, {c['completion_tokens_per_s']:.0f} tok/s |")
     lines.append(f"| rollout–training mismatch, mean / max per token | {s['bare']['logp_mismatch_tok']:.2g} / "
                  f"{s['bare']['logp_mismatch_max']:.2g} nats |")
     if "trl" in r:
