@@ -42,6 +42,9 @@ def test_two_ranks_equal_one_process(tmp_path):
         # relative). The exact cross-rank check on one E-batch is the next test.
         snis = ("/true", "/true_se", "/true_df", "/true_tok", "/ratio", "/ess_frac")
         for key in probe_keys:
+            if key.endswith("/sampler_gap_tok"):  # fp32 rounding of the decode, which batch composition changes
+                assert 0 <= ra[key] < 1e-5 and 0 <= rb[key] < 1e-5, key
+                continue
             rel = 1e-2 if key.endswith(snis) else 1e-5
             assert ra[key] == pytest.approx(rb[key], rel=rel, abs=1e-9), key
         for key in ("probe/gns/P", "probe/gns/sum_sq_groups", "probe/gns/g2", "probe/gns/s_w"):  # the reduced GNS sums
