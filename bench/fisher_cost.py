@@ -3,8 +3,11 @@
 On one rollout batch of the demo (SmolLM2 + LoRA, 16 sequences), alternating in rounds:
   plain  — one forward+backward of Σ_i log π(y_i) over the batch (the probe's microbatches);
   kernel — the same pass with the capture hooks, then the Gram matrix (probes/fisher.py);
+  sketch — the same pass in the probe's mode sketch: each sequence's gradient Kronecker-sketched
+           in the hooks (16 × 16 per weight), never formed; then S Sᵀ;
   loop   — one forward+backward per sequence, then G Gᵀ (the brute force the tests compare to).
-Prints kernel/plain and loop/kernel (medians), checks that kernel and loop agree; writes JSON.
+Prints kernel/plain, sketch/plain and loop/kernel (medians), checks that kernel and loop agree,
+and the sketch's errors in units of their stated SD (mean z², ≈ 1); writes JSON.
 
     python bench/fisher_cost.py --rounds 3 --out bench/results/fisher_cost.json
 """
@@ -26,8 +29,10 @@ import torch  # noqa: E402
 from rl_training import dist, policy, rollout  # noqa: E402
 from rl_training.config import load_config  # noqa: E402
 from rl_training.session import build_session  # noqa: E402
+from probes.functional import fisher as F  # noqa: E402
 
-PROBE = "probes.probes=[{name: fisher, kind: fisher, options: {preconditioner: none}}]"
+PROBE = ("probes.probes=[{name: fisher, kind: fisher, options: {preconditioner: none}}, "
+         "{name: sketch, kind: fisher, options: {preconditioner: none, mode: sketch}}]")
 
 
 def plain(model, params, tokens, micro, T):
@@ -36,9 +41,22 @@ def plain(model, params, tokens, micro, T):
         torch.autograd.grad((lp * mb.completion_mask).sum(), params)
 
 
-def kernel(probe, model, tokens):
+def kernel(probe, model, tokens, keep: dict | None = None):
     rows, _ = probe.sequence_gradients(model, None, tokens, torch.zeros(0))
+    if keep is not None:
+        keep.update(rows)
     return probe.kernel(rows, None, step=1)[0][:-1, :-1]  # drop the row F (no E-batch here)
+
+
+def stated_variance(rows: dict, k_out: int, k_in: int) -> torch.Tensor:
+    """[n, n] Σ_param kronecker_variance of the exact rows (weights; a bias has none here)."""
+    n = next(iter(rows.values())).shape[0] - 1
+    var = torch.zeros(n, n, dtype=torch.float64)
+    for G in rows.values():
+        for i in range(n):
+            for j in range(i, n):
+                var[i, j] = var[j, i] = var[i, j] + F.kronecker_variance(G[i], G[j], k_out, k_in)
+    return var
 
 
 def loop(model, params, tokens, T):
@@ -61,7 +79,8 @@ def main() -> None:
     cfg = load_config(args.cfg, ["rollout.filter_groups=false", "logging.progress_bar=false", PROBE])
     s = build_session(cfg, dist.DistInfo())
     tr = s.trainer
-    probe, model, T = tr.probes.probes[0], tr.policy, cfg.rollout.temperature
+    (probe, sketch), model, T = tr.probes.probes, tr.policy, cfg.rollout.temperature
+    sketch._kron = F.KroneckerSketch(0, *sketch.factors)
     model.eval()
     batch = rollout.collect(tr.engine, tr.scheduler, tr.prompt_fn, tr.reward_fn, cfg, step=1, world=s.world)
     tokens = batch.tensors
@@ -69,13 +88,15 @@ def main() -> None:
     with torch.no_grad():  # LoRA B = 0 at init leaves A without a gradient: move to a trained-like point
         for p in params:
             p.add_(1e-3 * torch.randn_like(p))
-    runs = {"plain": lambda: plain(model, params, tokens, probe.micro, T), "kernel": lambda: kernel(probe, model, tokens),
-            "loop": lambda: loop(model, params, tokens, T)}
+    exact_rows: dict = {}
+    runs = {"plain": lambda: plain(model, params, tokens, probe.micro, T),
+            "kernel": lambda: kernel(probe, model, tokens, keep=exact_rows),
+            "sketch": lambda: kernel(sketch, model, tokens), "loop": lambda: loop(model, params, tokens, T)}
     times = {k: [] for k in runs}
     results = {}
     order = list(runs)
     for r in range(args.rounds + 1):
-        for name in order[r % 3:] + order[: r % 3]:  # rotate: none always first
+        for name in order[r % len(order):] + order[: r % len(order)]:  # rotate: none always first
             t0 = time.perf_counter()
             results[name] = runs[name]()
             dt = time.perf_counter() - t0
@@ -85,17 +106,24 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     K, K_loop = results["kernel"], results["loop"]
     rel = float((K - K_loop).abs().max() / K_loop.abs().max())
+    var = stated_variance(exact_rows, *sketch.factors)
+    z2 = float(((results["sketch"] - K) ** 2 / var).mean())
+    columns = sum(sketch._kron.dim(p.shape) for p in params)
     real = int(tokens.prompt_mask.sum() + tokens.completion_mask.sum())
     padded = sum(mb.prompt_ids.numel() + mb.completion_ids.numel() for _, mb in policy.microbatches(tokens, probe.micro))
     summary = {
         "sequences": len(batch), "tokens": int(tokens.completion_mask.sum()), "median_s": med,
         "batched_positions_over_real_tokens": padded / real,
         "kernel_over_plain": med["kernel"] / med["plain"], "loop_over_kernel": med["loop"] / med["kernel"],
-        "kernel_vs_loop_max_rel_err": rel, "times_s": times, "rounds": args.rounds, "cfg": args.cfg,
+        "kernel_vs_loop_max_rel_err": rel, "sketch_over_plain": med["sketch"] / med["plain"],
+        "sketch_factors": list(sketch.factors), "sketch_columns": columns, "sketch_z2_mean": z2,
+        "sketch_rows_over_exact_rows_memory": columns / sum(p.numel() for p in params), "times_s": times, "rounds": args.rounds, "cfg": args.cfg,
         "trainable_params": sum(p.numel() for p in params), "loadavg": os.getloadavg(),
     }
     print(f"{len(batch)} sequences: plain fwd+bwd {med['plain']:.2f} s, exact kernel {med['kernel']:.2f} s, "
-          f"per-sequence loop {med['loop']:.2f} s (medians)")
+          f"sketched kernel {med['sketch']:.2f} s, per-sequence loop {med['loop']:.2f} s (medians)")
+    print(f"sketch / plain = {summary['sketch_over_plain']:.3f}; {columns} columns per sequence "
+          f"({summary['sketch_rows_over_exact_rows_memory']:.4f} of the exact rows); errors: mean z² {z2:.2f} (1 expected)")
     print(f"kernel / plain = {summary['kernel_over_plain']:.3f}   loop / kernel = {summary['loop_over_kernel']:.2f}   "
           f"kernel vs loop max rel err {rel:.1e}")
     print(f"the batched passes compute {padded / real:.2f} positions per real token (padding); the loop computes none")

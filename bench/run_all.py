@@ -66,6 +66,11 @@ def rows(results: dict) -> list[tuple[str, str, str]]:
         out.append((f"exact Fisher kernel ({r['sequences']} seq.) / one plain forward+backward",
                     f"{r['kernel_over_plain']:.2f}", "rotated rounds, medians"))
         out.append(("per-sequence loop / exact kernel", f"{r['loop_over_kernel']:.2f}", "same rounds"))
+        if "sketch_over_plain" in r:
+            out.append((f"Fisher mode sketch ({r['sketch_factors'][0]} × {r['sketch_factors'][1]} per weight) "
+                        "/ one plain forward+backward", f"{r['sketch_over_plain']:.2f}",
+                        f"same rounds; {r['sketch_columns']} columns a sequence, errors' mean z² "
+                        f"{r['sketch_z2_mean']:.2f} (1 expected)"))
     return out
 
 

@@ -22,6 +22,7 @@ import torch
 from rl_training.errors import ConfigError
 
 RowGrads = Callable[[str, torch.Tensor], None]  # (parameter name, [rows, *param.shape]) -> None
+TokenTerms = Callable[[dict, torch.Tensor, torch.Tensor], None]  # (attrs, x [rows, T, in], δ [rows, T, out]) -> None
 
 
 def linear_owners(model: torch.nn.Module, names: set[str]) -> dict[torch.nn.Module, dict[str, str]]:
@@ -42,11 +43,16 @@ def linear_owners(model: torch.nn.Module, names: set[str]) -> dict[torch.nn.Modu
 
 
 class LinearCapture:
-    """Forward hooks on the Linear modules owning ``names``; ``on_rows(name, g)`` per parameter."""
+    """Forward hooks on the Linear modules owning ``names``; ``on_rows(name, g)`` per parameter,
+    or, instead of forming row gradients, ``on_tokens(attrs, x, δ)`` per module with x [rows, T,
+    in] and δ [rows, T, out] in float32 (attrs: {"weight"|"bias": parameter name})."""
 
-    def __init__(self, model: torch.nn.Module, names: set[str], on_rows: RowGrads):
+    def __init__(self, model: torch.nn.Module, names: set[str], on_rows: RowGrads | None = None,
+                 on_tokens: TokenTerms | None = None):
+        if (on_rows is None) == (on_tokens is None):
+            raise ValueError("LinearCapture: give exactly one of on_rows and on_tokens")
         self.owners = linear_owners(model, names)
-        self.on_rows = on_rows
+        self.on_rows, self.on_tokens = on_rows, on_tokens
         self._handles: list = []
         self.seen: set[str] = set()
         self.error: BaseException | None = None  # raised by the owner after the backward
@@ -91,6 +97,10 @@ class LinearCapture:
         xs = x.float()
         rows = d.shape[0]
         d3, x3 = d.reshape(rows, -1, d.shape[-1]), xs.reshape(rows, -1, xs.shape[-1])
+        if self.on_tokens is not None:
+            self.on_tokens(attrs, x3, d3)
+            self.seen.update(attrs.values())
+            return
         if "weight" in attrs:
             self.on_rows(attrs["weight"], torch.einsum("bto,bti->boi", d3, x3))
             self.seen.add(attrs["weight"])

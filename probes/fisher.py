@@ -26,12 +26,20 @@ the δH probe's δH₁ on the same E-batch (tested); at several ranks it is the 
 slightly different (still row-independent) baseline.
 
 Memory: the rank's per-sequence gradients, (B_E/W + buffer/W + 1) × trainable parameters in
-float32, are held between the backward and the update.
+float32, are held between the backward and the update. At the user's scale (Qwen2.5-1.5B, LoRA
+r64 on 7 projections: 74 M parameters; 145 rows a rank) that is ≈ 43 GB: use ``mode: sketch``.
+There every sequence's gradient is sketched in the capture hooks from x_t and δ_t
+(``KroneckerSketch``: R_outᵀ G R_in per weight, k_out·k_in columns, never forming G), and every
+block, same-rank ones too, is a sketch inner product with variance Σ_param ``kronecker_variance``
+(`exact_frac` 0). Adam's D does not factor over that sketch: mode sketch needs
+``preconditioner: none``.
 
 Options: ``batch_size`` (B_E, default 8), ``completions_per_prompt`` (default 2), ``pool``
 (eval | train), ``microbatch_size`` (default train.microbatch_size), ``preconditioner``
 (none | adam, default adam), ``sketch_dim`` (k, default 512), ``top_eigenvalues`` (default 4),
-``save`` (write run_dir/fisher/step_N.npz and step_N_top.json on rank 0, default true).
+``save`` (write run_dir/fisher/step_N.npz and step_N_top.json on rank 0, default true), ``mode``
+(exact | sketch, default exact), ``sketch_factors`` ([k_out, k_in] of mode sketch, default
+[16, 16]).
 
 | key | meaning |
 |---|---|
@@ -70,7 +78,7 @@ from rl_training.errors import ConfigError
 from rl_training.sampling import stable_seed
 
 OPTIONS = {"batch_size", "completions_per_prompt", "pool", "microbatch_size", "preconditioner", "sketch_dim",
-           "top_eigenvalues", "save"}
+           "top_eigenvalues", "save", "mode", "sketch_factors"}
 E_ROW, U_ROW, F_ROW = 0, 1, 2  # row kinds: E-batch sequence, training sequence, the rank's F
 META = ("rank", "kind", "prompt", "reward", "advantage", "length")
 
@@ -92,17 +100,29 @@ class FisherProbe(Probe):
         self.k, self.top = int(o.get("sketch_dim", 512)), int(o.get("top_eigenvalues", 4))
         if self.k < 1 or self.top < 1:
             raise ConfigError(f"probe '{self.name}': sketch_dim and top_eigenvalues must be >= 1")
+        self.mode = str(o.get("mode", "exact"))
+        if self.mode not in ("exact", "sketch"):
+            raise ConfigError(f"probe '{self.name}': mode must be exact|sketch, got {self.mode!r}")
+        self.factors = tuple(int(k) for k in o.get("sketch_factors", [16, 16]))
+        if len(self.factors) != 2 or min(self.factors) < 1:
+            raise ConfigError(f"probe '{self.name}': sketch_factors must be [k_out, k_in] >= 1, got {self.factors}")
+        if self.mode == "sketch" and self.precondition == "adam":
+            raise ConfigError(f"probe '{self.name}': mode sketch cannot apply Adam's D (it does not factor over a "
+                              f"Kronecker sketch); set preconditioner: none")
         self.micro = int(o.get("microbatch_size", cfg.train.microbatch_size))
         self.save = bool(o.get("save", True))
         self.cfg, self.world = cfg, ctx.world
         self.names = [n for n, p in ctx.model.named_parameters() if p.requires_grad]
-        self.capture = LinearCapture(ctx.model, set(self.names), self._on_rows)
+        self.capture = LinearCapture(ctx.model, set(self.names), on_rows=self._on_rows) if self.mode == "exact" \
+            else LinearCapture(ctx.model, set(self.names), on_tokens=self._on_tokens)
+        self._kron: F.KroneckerSketch | None = None  # mode sketch: this step's sketch
         self.stop_rule = ctx.ebatches.stop_rule(ctx.model)
         for key in ("local", "sketch", "meta", "texts"):
             self.add_stat(key, reduce="cat")
         self.add_stat("pred")
         self.add_stat("scale", reduce="max")  # η/(N·L) of the update
         self.add_stat("preconditioned", reduce="min")
+        self.add_stat("sketched", reduce="max")  # mode sketch: same-rank blocks are sketched too
         for key in ("time_grad_s", "time_kernel_s"):
             self.add_stat(key, reduce="max")
         self._rows: dict[str, list[torch.Tensor]] = {}
@@ -112,7 +132,7 @@ class FisherProbe(Probe):
     def on_before_optimizer_step(self, ctx: StepContext) -> None:
         if ctx.epoch > 0:
             return
-        self._held = self.gradients(ctx.model, self.ebatches.get(ctx.model, ctx.step, self.spec), ctx.batch)
+        self._held = self.gradients(ctx.model, self.ebatches.get(ctx.model, ctx.step, self.spec), ctx.batch, ctx.step)
         grads = [p.grad.double().pow(2).sum() for p in ctx.trainable().values() if p.grad is not None]
         norm = float(torch.stack(grads).sum().sqrt()) if grads else 0.0
         self._held["clip"] = F.clip_coefficient(norm, ctx.cfg.train.grad_clip)
@@ -126,10 +146,13 @@ class FisherProbe(Probe):
         self.accumulate(held, D, ctx.delta_theta(), scale, ctx.step)
 
     # -------------------------------------------------------------------------- the two halves
-    def gradients(self, model, ebatch, batch) -> dict:
+    def gradients(self, model, ebatch, batch, step: int) -> dict:
         """Before the update, at θ_k: this rank's per-sequence gradients (E-batch, then the
-        training batch ``batch``, then F) and what the files need of each row."""
+        training batch ``batch``, then F; mode sketch: their sketches) and what the files need
+        of each row."""
         t0 = time.perf_counter()
+        if self.mode == "sketch":
+            self._kron = F.KroneckerSketch(stable_seed(self.cfg.seed, "fisher-sketch", step), *self.factors)
         rows, F_vec = self.sequence_gradients(model, ebatch.tensors if len(ebatch) else None, batch.tensors,
                                               self._pool_weights(ebatch.prompt))
         self.stats["time_grad_s"] += time.perf_counter() - t0
@@ -144,6 +167,7 @@ class FisherProbe(Probe):
         self.stats["pred"] += sum(float((held["F"][n].double() * delta[n].double()).sum()) for n in self.names)
         self.stats["scale"] = scale
         self.stats["preconditioned"] = float(D is not None)
+        self.stats["sketched"] = float(self.mode == "sketch")
         self.stats["local"].append(local)
         if sketch is not None:
             self.stats["sketch"].append(sketch)
@@ -182,7 +206,7 @@ class FisherProbe(Probe):
             got = sum(len(r) for r in self._rows[n])
             if got != n_rows:
                 raise RuntimeError(f"captured {got} of {n_rows} per-sequence gradients of {n}")
-        rows = {n: torch.cat([*self._rows[n], F_vec[n].unsqueeze(0)]) for n in self.names}
+        rows = {n: torch.cat([*self._rows[n], self._f_row(n, F_vec[n])]) for n in self.names}
         self._rows = {}
         return rows, F_vec
 
@@ -219,6 +243,15 @@ class FisherProbe(Probe):
     def _on_rows(self, name: str, rows: torch.Tensor) -> None:
         self._rows[name].append(rows.float())
 
+    def _on_tokens(self, attrs: dict[str, str], x: torch.Tensor, delta: torch.Tensor) -> None:
+        """Mode sketch: each row's gradient sketched from the hook's x and δ, never formed."""
+        for attr, name in attrs.items():
+            s = self._kron.project_tokens(name, x, delta) if attr == "weight" else self._kron.project(name, delta.sum(1))
+            self._rows[name].append(s)
+
+    def _f_row(self, name: str, f: torch.Tensor) -> torch.Tensor:
+        return f.unsqueeze(0) if self.mode == "exact" else self._kron.project(name, f.unsqueeze(0))
+
     def _pool_weights(self, prompt: torch.Tensor) -> torch.Tensor:
         """w_t = 1/(n·k_p): the weights of the δH pool mean (whole prompts sit on one rank)."""
         if not len(prompt):
@@ -230,6 +263,9 @@ class FisherProbe(Probe):
     # -------------------------------------------------------------------------- blocks
     def kernel(self, rows: dict[str, torch.Tensor], D: dict[str, torch.Tensor] | None, step: int):
         """(exact local Gram [n, n], sketch [n, k] or None at one rank) of the rows, with D once."""
+        if self.mode == "sketch":  # rows are Kronecker sketches already; D is refused in setup
+            S = torch.cat([rows[name] for name in self.names], dim=1).cpu()
+            return S @ S.T, S if self.world.world_size > 1 else None
         n = next(iter(rows.values())).shape[0]
         local = torch.zeros(n, n, dtype=torch.float64)
         sketcher = F.GaussianSketch(stable_seed(self.cfg.seed, "fisher-sketch", step), self.k) \
@@ -275,7 +311,7 @@ class FisherProbe(Probe):
             for b, (sb, nb) in enumerate(zip(starts, sizes)):
                 if a == b:
                     K[sa:sa + na, sb:sb + nb] = s["local"][a]
-                    exact[sa:sa + na, sb:sb + nb] = True
+                    exact[sa:sa + na, sb:sb + nb] = not s["sketched"]
                 else:
                     K[sa:sa + na, sb:sb + nb] = s["sketch"][a] @ s["sketch"][b].T
         return {"K": K, "exact": exact, "meta": meta}

@@ -213,7 +213,7 @@ def run_fisher(exp, args, out: Path) -> dict:
     delta = exp.update(lr, key=args.seed, bu=args.bu)  # the U-batch is that update's
     n = len(exp.last_batch)
     D = exp.last_preconditioner if args.preconditioner == "adam" else None
-    held = probe.gradients(exp.model, exp.ebatch(args.be, key=args.seed), exp.last_batch)
+    held = probe.gradients(exp.model, exp.ebatch(args.be, key=args.seed), exp.last_batch, exp.trainer.step)
     probe.accumulate(held, D, delta, lr * exp.last_clip / (n * exp.cfg.rollout.max_new_tokens), step=exp.trainer.step)
     res = probe.results()
     write_results(out, "fisher", res)

@@ -123,6 +123,74 @@ class GaussianSketch:
         return torch.cat(blocks).double() / math.sqrt(self.k)
 
 
+class KroneckerSketch:
+    """s(G) = R_outᵀ G R_in ∈ R^{k_out × k_in} per Linear weight G [out, in] (flattened), with
+    R_out [out, k_out] and R_in [in, k_in] of N(0, 1/k_out) and N(0, 1/k_in) entries drawn from
+    (seed, name, side) by the CPU generator (the same R on every machine), cached per device.
+
+    A sequence's weight gradient is Σ_t δ_t x_tᵀ, so its sketch Σ_t (R_outᵀ δ_t)(R_inᵀ x_t)ᵀ comes
+    straight from the capture hooks' x and δ (``project_tokens``) without forming the gradient:
+    memory O((out + in)·k + rows·k_out·k_in) and time O(tokens·(out·k_out + in·k_in)), where a
+    dense sketch needs the [rows × out·in] gradients and out·in·k normals. The price is variance:
+    ⟨s_A, s_B⟩ is unbiased for ⟨A, B⟩ with ``kronecker_variance``, above a dense sketch's of the
+    same k_out·k_in columns. A bias (1-D) is sketched by R_out alone (``sketch_variance``).
+    """
+
+    def __init__(self, seed: int, k_out: int, k_in: int):
+        if k_out < 1 or k_in < 1:
+            raise ValueError(f"KroneckerSketch: k_out and k_in must be ≥ 1, got {k_out}, {k_in}")
+        self.seed, self.k_out, self.k_in = int(seed), int(k_out), int(k_in)
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def factor(self, name: str, side: str, d: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """R_side [d, k_side] float32 (side: "out" | "in") on ``device``."""
+        key = (name, side, d, str(device))
+        if key not in self._cache:
+            k = self.k_out if side == "out" else self.k_in
+            gen = torch.Generator().manual_seed(_block_seed(self.seed, f"{name}/{side}", 0))
+            self._cache[key] = (torch.randn(d, k, generator=gen) / math.sqrt(k)).to(device)
+        return self._cache[key]
+
+    def dim(self, shape: torch.Size | tuple) -> int:
+        """Sketch columns of a parameter of ``shape`` (a weight [out, in] or a bias [out])."""
+        return self.k_out * self.k_in if len(shape) == 2 else self.k_out
+
+    def project_tokens(self, name: str, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """[rows, k_out·k_in] float64 sketches of Σ_t δ_t x_tᵀ per row, from x [rows, T, in] and
+        δ [rows, T, out] (padding positions have δ = 0)."""
+        R_out = self.factor(name, "out", delta.shape[-1], delta.device)
+        R_in = self.factor(name, "in", x.shape[-1], x.device)
+        u, v = delta.float() @ R_out, x.float() @ R_in  # [rows, T, k_out], [rows, T, k_in]
+        return torch.einsum("bto,bti->boi", u, v).reshape(x.shape[0], -1).double()
+
+    def project(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """[n, dim] float64 sketches of formed rows: weights [n, out, in], biases [n, out]."""
+        g = rows.detach().float()
+        R_out = self.factor(name, "out", g.shape[1], g.device)
+        if g.dim() == 2:
+            return (g @ R_out).double()
+        R_in = self.factor(name, "in", g.shape[2], g.device)
+        return (R_out.T @ g @ R_in).reshape(g.shape[0], -1).double()
+
+
+def kronecker_variance(A: torch.Tensor, B: torch.Tensor, k_out: int, k_in: int) -> float:
+    """Var(⟨s_A, s_B⟩ − ⟨A, B⟩) of ``KroneckerSketch`` for weights A, B [out, in].
+
+    With P = RRᵀ (E P = I, E[P M P] = M + (Mᵀ + tr M·I)/k for a d×k Gaussian R of variance 1/k)
+    and Y = BᵀA: ⟨s_A, s_B⟩ = tr(P_out A P_in Bᵀ), so by the law of total variance
+    Var = E[tr(XXᵀ) + tr(X²)]/k_out + (tr(YYᵀ) + tr(Y²))/k_in with X = A P_in Bᵀ, and
+    E tr(XXᵀ) = |ABᵀ|²(1 + 1/k_in) + |A|²|B|²/k_in, E tr(X²) = tr(Y²) + (|Y|² + ⟨A, B⟩²)/k_in.
+    """
+    A, B = A.double(), B.double()
+    Y = B.T @ A
+    yy, y2, ab = float((Y * Y).sum()), float((Y * Y.T).sum()), float(Y.trace())
+    abt = float((A @ B.T).pow(2).sum())
+    a2, b2 = float(A.pow(2).sum()), float(B.pow(2).sum())
+    e_xx = abt * (1 + 1 / k_in) + a2 * b2 / k_in
+    e_x2 = y2 + (yy + ab * ab) / k_in
+    return (e_xx + e_x2) / k_out + (yy + y2) / k_in
+
+
 def sketch_variance(a2, b2, ab, k: int):
     """Var(⟨s_a, s_b⟩ − ⟨a, b⟩) = (|a|²|b|² + ⟨a,b⟩²)/k for a Gaussian sketch (floats or tensors)."""
     return (a2 * b2 + ab * ab) / k

@@ -158,3 +158,22 @@ def test_fisher_exact_blocks_equal_one_process_and_sketched_ones_hold_their_vari
         z = ((K2 - K1) / sd)[~exact]
         assert np.abs(z).max() < 4, (block, np.abs(z).max())
         assert np.abs(z).mean() > 0.1, "cross-rank entries are sketched, not exact"
+
+
+def test_fisher_sketch_mode_at_two_ranks_is_the_one_process_sketch(tmp_path):
+    """mode sketch: a sequence's sketch depends on its gradient and the step's seed only, so two
+    ranks assemble the kernel one process does (fp32 rounding of differently batched passes),
+    every entry marked sketched."""
+    fisher = ("probes.probes=[{name: fisher, kind: fisher, options: {batch_size: 8, preconditioner: none,"
+              " mode: sketch, sketch_factors: [4, 4]}}]", "train.total_steps=1")
+    two = run_torchrun(tmp_path / "two", 2, *COMMON, "rollout.prompts_per_round=2", *fisher)
+    one = run_in_process(tmp_path / "one", *COMMON, "rollout.prompts_per_round=4", *fisher)
+    z2, z1 = np.load(two / "fisher" / "step_1.npz"), np.load(one / "fisher" / "step_1.npz")
+    for block, keys in (("uu", "u_ids"), ("ee", None)):
+        k2 = z2[keys].tolist() if keys else z2["meta_e"][:, 2].tolist()
+        k1 = z1[keys].tolist() if keys else z1["meta_e"][:, 2].tolist()
+        m1 = _rows_by_key(k1)
+        perm = [m1[key] for key in _rows_by_key(k2)]
+        K1 = z1[f"K_{block}"][np.ix_(perm, perm)]
+        assert not z1[f"exact_{block}"].any() and not z2[f"exact_{block}"].any()
+        assert np.abs(z2[f"K_{block}"] - K1).max() <= 1e-4 * np.abs(K1).max(), block

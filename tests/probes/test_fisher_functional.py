@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 
 from probes.functional import fisher as F
 
@@ -222,6 +223,81 @@ def test_sketch_of_a_4m_parameter_never_holds_the_dense_projection():
     assert res["growth_kib"] < 512 * 1024, res
     # the whole vector was projected: |s|²/|g|² ≈ 1 ± √(2/k) = ±0.09
     assert all(abs(r - 1) < 0.45 for r in res["norm_ratio"]), res
+
+
+# ---------------------------------------------------------------- Kronecker sketch (mode sketch)
+
+
+def test_kronecker_sketch_from_tokens_is_the_sketch_of_the_formed_gradient():
+    """Σ_t (R_outᵀδ_t)(R_inᵀx_t)ᵀ = R_outᵀ (Σ_t δ_t x_tᵀ) R_in, per row; the same R in a fresh
+    instance (another rank) and another R under another seed or name."""
+    x, d = _randn(3, 5, 7, seed=40, dtype=torch.float32), _randn(3, 5, 4, seed=41, dtype=torch.float32)
+    G = torch.einsum("bto,bti->boi", d, x)
+    s = F.KroneckerSketch(9, 3, 2)
+    got = s.project_tokens("m.weight", x, d)
+    assert got.shape == (3, 6) and got.dtype == torch.float64 and s.dim(G.shape[1:]) == 6
+    torch.testing.assert_close(got, s.project("m.weight", G), rtol=1e-5, atol=1e-6)
+    R_out, R_in = s.factor("m.weight", "out", 4), s.factor("m.weight", "in", 7)
+    torch.testing.assert_close(got, (R_out.T @ G @ R_in).reshape(3, -1).double(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(F.KroneckerSketch(9, 3, 2).project_tokens("m.weight", x, d), got)
+    assert not torch.allclose(F.KroneckerSketch(10, 3, 2).project_tokens("m.weight", x, d), got)
+    assert not torch.allclose(s.project_tokens("n.weight", x, d), got)
+    bias = s.project("m.bias", d.sum(1))  # a bias: R_out alone
+    torch.testing.assert_close(bias, (d.sum(1) @ s.factor("m.bias", "out", 4)).double())
+
+
+def test_kronecker_sketch_inner_products_are_unbiased_with_the_stated_variance():
+    """Over TRIALS seeds, ⟨s_A, s_B⟩ − ⟨A, B⟩ has mean 0 (4 SE) and ``kronecker_variance``
+    (10 %), for correlated, unrelated and equal weight pairs, with unequal k_out and k_in."""
+    A = _randn(30, 20, seed=50)
+    B = 0.7 * A + 0.7 * _randn(30, 20, seed=51)
+    C = _randn(30, 20, seed=52)
+    X = torch.stack([A, B, C])
+    exact = X.reshape(3, -1) @ X.reshape(3, -1).T
+    pairs, k_out, k_in = [(0, 1), (0, 2), (0, 0)], 8, 4
+    err = torch.empty(TRIALS, len(pairs), dtype=torch.float64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for t in range(TRIALS):
+            S = F.KroneckerSketch(t, k_out, k_in).project("w", X)
+            est = S @ S.T
+            err[t] = torch.stack([est[i, j] - exact[i, j] for i, j in pairs])
+    finally:
+        torch.set_num_threads(threads)
+    for c, (i, j) in enumerate(pairs):
+        e = err[:, c]
+        assert abs(float(e.mean())) < 4 * float(e.std()) / math.sqrt(TRIALS), (i, j)
+        var = F.kronecker_variance(X[i], X[j], k_out, k_in)
+        assert abs(float(e.var()) / var - 1) < 0.10, (i, j, float(e.var()), var)
+    # A dense sketch of the same k_out·k_in columns has less variance: the price of never forming G.
+    assert F.sketch_variance(exact[0, 0], exact[1, 1], exact[0, 1], k_out * k_in) < F.kronecker_variance(A, B, k_out, k_in)
+
+
+class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+def test_kronecker_sketch_of_a_large_layer_never_forms_its_gradient():
+    """A 4096 × 4096 weight (16.8 M parameters) seen through 4 rows × 32 tokens: a dense
+    projection to 64 × 64 columns would hold 16.8 M × 4096 numbers and the row gradients 67 M;
+    the largest tensor the Kronecker sketch makes is a factor (4096 × 64) or the inputs."""
+    x = _randn(4, 32, 4096, seed=60, dtype=torch.float32)
+    d = _randn(4, 32, 4096, seed=61, dtype=torch.float32)
+    s = F.KroneckerSketch(0, 64, 64)
+    with _LargestTensor() as largest:
+        out = s.project_tokens("layers.0.mlp.down_proj.weight", x, d)
+    assert out.shape == (4, 64 * 64)
+    assert largest.numel <= x.numel(), largest.numel
 
 
 # ---------------------------------------------------------------- kernel summaries
