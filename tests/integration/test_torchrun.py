@@ -136,11 +136,8 @@ def _rows_by_key(keys) -> dict:
     return out
 
 
-def test_fisher_exact_blocks_equal_one_process_and_sketched_ones_hold_their_variance(tmp_path):
-    """Same-rank entries are exact (≤ 1e-6 of the kernel's scale); cross-rank entries are
-    sketch inner products whose error is within 4 SD of (K_ii K_jj + K_ij²)/k."""
-    fisher = ("probes.probes=[{name: fisher, kind: fisher, options: {batch_size: 8, preconditioner: none,"
-              " sketch_dim: 256}}]", "train.total_steps=1")
+def _fisher_blocks_two_ranks_and_one(tmp_path, fisher: tuple):
+    """Per block (uu, ee): the 1-process kernel in the 2-rank run's row order, and both npz files."""
     two = run_torchrun(tmp_path / "two", 2, *COMMON, "rollout.prompts_per_round=2", *fisher)
     one = run_in_process(tmp_path / "one", *COMMON, "rollout.prompts_per_round=4", *fisher)
     z2, z1 = np.load(two / "fisher" / "step_1.npz"), np.load(one / "fisher" / "step_1.npz")
@@ -149,7 +146,15 @@ def test_fisher_exact_blocks_equal_one_process_and_sketched_ones_hold_their_vari
         k1 = z1[keys].tolist() if keys else z1["meta_e"][:, 2].tolist()
         m1 = _rows_by_key(k1)
         perm = [m1[key] for key in _rows_by_key(k2)]  # 2-rank row -> 1-process row
-        K1 = z1[f"K_{block}"][np.ix_(perm, perm)]
+        yield block, z1[f"K_{block}"][np.ix_(perm, perm)], z1, z2
+
+
+def test_fisher_exact_blocks_equal_one_process_and_sketched_ones_hold_their_variance(tmp_path):
+    """Same-rank entries are exact (≤ 1e-6 of the kernel's scale); cross-rank entries are
+    sketch inner products whose error is within 4 SD of (K_ii K_jj + K_ij²)/k."""
+    fisher = ("probes.probes=[{name: fisher, kind: fisher, options: {batch_size: 8, preconditioner: none,"
+              " sketch_dim: 256}}]", "train.total_steps=1")
+    for block, K1, z1, z2 in _fisher_blocks_two_ranks_and_one(tmp_path, fisher):
         K2, exact = z2[f"K_{block}"], z2[f"exact_{block}"]
         assert z1[f"exact_{block}"].all() and exact.any() and not exact.all()
         scale = np.abs(K1).max()
@@ -166,14 +171,6 @@ def test_fisher_sketch_mode_at_two_ranks_is_the_one_process_sketch(tmp_path):
     every entry marked sketched."""
     fisher = ("probes.probes=[{name: fisher, kind: fisher, options: {batch_size: 8, preconditioner: none,"
               " mode: sketch, sketch_factors: [4, 4]}}]", "train.total_steps=1")
-    two = run_torchrun(tmp_path / "two", 2, *COMMON, "rollout.prompts_per_round=2", *fisher)
-    one = run_in_process(tmp_path / "one", *COMMON, "rollout.prompts_per_round=4", *fisher)
-    z2, z1 = np.load(two / "fisher" / "step_1.npz"), np.load(one / "fisher" / "step_1.npz")
-    for block, keys in (("uu", "u_ids"), ("ee", None)):
-        k2 = z2[keys].tolist() if keys else z2["meta_e"][:, 2].tolist()
-        k1 = z1[keys].tolist() if keys else z1["meta_e"][:, 2].tolist()
-        m1 = _rows_by_key(k1)
-        perm = [m1[key] for key in _rows_by_key(k2)]
-        K1 = z1[f"K_{block}"][np.ix_(perm, perm)]
+    for block, K1, z1, z2 in _fisher_blocks_two_ranks_and_one(tmp_path, fisher):
         assert not z1[f"exact_{block}"].any() and not z2[f"exact_{block}"].any()
         assert np.abs(z2[f"K_{block}"] - K1).max() <= 1e-4 * np.abs(K1).max(), block
