@@ -10,6 +10,10 @@ Prints kernel/plain, sketch/plain and loop/kernel (medians), checks that kernel 
 and the sketch's errors in units of their stated SD (mean z², ≈ 1); writes JSON.
 
     python bench/fisher_cost.py --rounds 3 --out bench/results/fisher_cost.json
+    python bench/fisher_cost.py --shape qwen2.5-1.5b --tokenizer .carry/smollm2_tokenizer --out $OUT/fisher_cost.json
+
+``--shape`` (a GPU, where the converted SmolLM2 cannot be carried): a random-init model of
+``bench/gpu_step.py``'s shapes and config instead of ``--cfg``'s model, on the default device.
 """
 
 from __future__ import annotations
@@ -19,15 +23,19 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
 from rl_training import dist, policy, rollout  # noqa: E402
 from rl_training.config import load_config  # noqa: E402
+from gpu_step import COMMON, SETTINGS, sync  # noqa: E402
+from rl_training.models import save_random_model, save_smollm2_tokenizer  # noqa: E402
 from rl_training.session import build_session  # noqa: E402
 from probes.functional import fisher as F  # noqa: E402
 
@@ -75,9 +83,24 @@ def main() -> None:
     ap.add_argument("--cfg", default="cfg/smollm2_cpu_demo.yaml")
     ap.add_argument("--rounds", type=int, default=3, help="measured rounds after one warm-up round")
     ap.add_argument("--out", default="bench/results/fisher_cost.json")
+    ap.add_argument("--shape", choices=sorted(SETTINGS), default=None, help="a random-init model of this shape")
+    ap.add_argument("--tokenizer", type=Path, default=None, help="with --shape: tokenizer folder (default: SmolLM2's)")
     args = ap.parse_args()
-    cfg = load_config(args.cfg, ["rollout.filter_groups=false", "logging.progress_bar=false", PROBE])
-    s = build_session(cfg, dist.DistInfo())
+    overrides = ["rollout.filter_groups=false", "logging.progress_bar=false", PROBE]
+    world = dist.DistInfo()
+    if args.shape:
+        work = Path(tempfile.mkdtemp(prefix="fisher_cost_"))
+        tokenizer = args.tokenizer or save_smollm2_tokenizer(work / "tokenizer")
+        dtype = torch.float32 if args.shape == "tiny" else torch.bfloat16
+        model_dir = save_random_model(tokenizer, work / "model", args.shape, dtype)
+        args.cfg, shape_overrides, _, _ = SETTINGS[args.shape]
+        overrides = [*COMMON, *shape_overrides, f"model.name_or_path={model_dir}", f"output_dir={work / 'runs'}",
+                     *overrides]
+        G = load_config(args.cfg, overrides).rollout.group_size
+        overrides += [f"rollout.prompts_per_round={max(1, 16 // G)}", "train.buffer_size=16"]  # 16 sequences
+        world = dist.init("auto", force_collectives=False)
+    cfg = load_config(args.cfg, overrides)
+    s = build_session(cfg, world)
     tr = s.trainer
     (probe, sketch), model, T = tr.probes.probes, tr.policy, cfg.rollout.temperature
     sketch._kron = F.KroneckerSketch(0, *sketch.factors)
@@ -97,8 +120,10 @@ def main() -> None:
     order = list(runs)
     for r in range(args.rounds + 1):
         for name in order[r % len(order):] + order[: r % len(order)]:  # rotate: none always first
+            sync()
             t0 = time.perf_counter()
             results[name] = runs[name]()
+            sync()
             dt = time.perf_counter() - t0
             if r:
                 times[name].append(dt)
@@ -118,7 +143,8 @@ def main() -> None:
         "kernel_vs_loop_max_rel_err": rel, "sketch_over_plain": med["sketch"] / med["plain"],
         "sketch_factors": list(sketch.factors), "sketch_columns": columns, "sketch_z2_mean": z2,
         "sketch_rows_over_exact_rows_memory": columns / sum(p.numel() for p in params), "times_s": times, "rounds": args.rounds, "cfg": args.cfg,
-        "trainable_params": sum(p.numel() for p in params), "loadavg": os.getloadavg(),
+        "trainable_params": sum(p.numel() for p in params), "loadavg": os.getloadavg(), "shape": args.shape,
+        "device": str(next(model.parameters()).device),
     }
     print(f"{len(batch)} sequences: plain fwd+bwd {med['plain']:.2f} s, exact kernel {med['kernel']:.2f} s, "
           f"sketched kernel {med['sketch']:.2f} s, per-sequence loop {med['loop']:.2f} s (medians)")

@@ -182,9 +182,14 @@ def kronecker_variance(A: torch.Tensor, B: torch.Tensor, k_out: int, k_in: int) 
     E tr(XXᵀ) = |ABᵀ|²(1 + 1/k_in) + |A|²|B|²/k_in, E tr(X²) = tr(Y²) + (|Y|² + ⟨A, B⟩²)/k_in.
     """
     A, B = A.double(), B.double()
-    Y = B.T @ A
-    yy, y2, ab = float((Y * Y).sum()), float((Y * Y.T).sum()), float(Y.trace())
-    abt = float((A @ B.T).pow(2).sum())
+    if A.shape[0] < A.shape[1]:  # the same traces through [out, out] products: cheaper for LoRA's A
+        Z = A @ B.T
+        yy, y2, ab = float(((A @ A.T) * (B @ B.T)).sum()), float((Z * Z.T).sum()), float(Z.trace())
+        abt = float(Z.pow(2).sum())
+    else:
+        Y = B.T @ A
+        yy, y2, ab = float((Y * Y).sum()), float((Y * Y.T).sum()), float(Y.trace())
+        abt = float(((A.T @ A) * (B.T @ B)).sum())
     a2, b2 = float(A.pow(2).sum()), float(B.pow(2).sum())
     e_xx = abt * (1 + 1 / k_in) + a2 * b2 / k_in
     e_x2 = y2 + (yy + ab * ab) / k_in

@@ -270,6 +270,8 @@ def test_kronecker_sketch_inner_products_are_unbiased_with_the_stated_variance()
         assert abs(float(e.mean())) < 4 * float(e.std()) / math.sqrt(TRIALS), (i, j)
         var = F.kronecker_variance(X[i], X[j], k_out, k_in)
         assert abs(float(e.var()) / var - 1) < 0.10, (i, j, float(e.var()), var)
+    # Transposing swaps the factors and leaves the variance: this takes the formula's other branch.
+    assert F.kronecker_variance(A.T, B.T, k_in, k_out) == pytest.approx(F.kronecker_variance(A, B, k_out, k_in), rel=1e-12)
     # A dense sketch of the same k_out·k_in columns has less variance: the price of never forming G.
     assert F.sketch_variance(exact[0, 0], exact[1, 1], exact[0, 1], k_out * k_in) < F.kronecker_variance(A, B, k_out, k_in)
 

@@ -1,0 +1,25 @@
+"""bench/fisher_cost.py --shape runs end to end on the CPU's small shape (its GPU figures need a
+GPU): every ratio it reports is a finite positive number and the exact kernel matches the loop."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers.runs import REPO
+
+
+@pytest.mark.slow
+def test_fisher_cost_bench_smoke_on_the_tiny_shape(tmp_path):
+    out = tmp_path / "fisher_cost.json"
+    cmd = [sys.executable, "bench/fisher_cost.py", "--shape", "tiny", "--rounds", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["shape"] == "tiny" and r["sequences"] == 16
+    for key in ("kernel_over_plain", "loop_over_kernel", "sketch_over_plain", "sketch_z2_mean"):
+        assert 0 < r[key] < float("inf"), key
+    assert r["kernel_vs_loop_max_rel_err"] < 1e-4  # fp32
