@@ -56,17 +56,6 @@ def kernel(probe, model, tokens, keep: dict | None = None):
     return probe.kernel(rows, None, step=1)[0][:-1, :-1]  # drop the row F (no E-batch here)
 
 
-def stated_variance(rows: dict, k_out: int, k_in: int) -> torch.Tensor:
-    """[n, n] Σ_param kronecker_variance of the exact rows (weights; a bias has none here)."""
-    n = next(iter(rows.values())).shape[0] - 1
-    var = torch.zeros(n, n, dtype=torch.float64)
-    for G in rows.values():
-        for i in range(n):
-            for j in range(i, n):
-                var[i, j] = var[j, i] = var[i, j] + F.kronecker_variance(G[i], G[j], k_out, k_in)
-    return var
-
-
 def loop(model, params, tokens, T):
     G = []
     for i in range(len(tokens.prompt_ids)):
@@ -131,7 +120,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     K, K_loop = results["kernel"], results["loop"]
     rel = float((K - K_loop).abs().max() / K_loop.abs().max())
-    var = stated_variance(exact_rows, *sketch.factors)
+    var = F.kronecker_variance_matrix(exact_rows, *sketch.factors, n=len(batch))
     z2 = float(((results["sketch"] - K) ** 2 / var).mean())
     columns = sum(sketch._kron.dim(p.shape) for p in params)
     real = int(tokens.prompt_mask.sum() + tokens.completion_mask.sum())

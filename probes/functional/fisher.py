@@ -196,6 +196,23 @@ def kronecker_variance(A: torch.Tensor, B: torch.Tensor, k_out: int, k_in: int) 
     return (e_xx + e_x2) / k_out + (yy + y2) / k_in
 
 
+def kronecker_variance_matrix(rows: dict[str, torch.Tensor], k_out: int, k_in: int, n: int) -> torch.Tensor:
+    """[n, n] float64 Var of every entry of the mode-sketch kernel of the first n exact rows
+    {parameter: [rows, *shape]}: R is independent per parameter, so the variances add (a bias,
+    sketched by R_out alone, with ``sketch_variance``)."""
+    var = torch.zeros(n, n, dtype=torch.float64)
+    for G in rows.values():
+        for i in range(n):
+            for j in range(i, n):
+                if G.dim() == 3:
+                    v = kronecker_variance(G[i], G[j], k_out, k_in)
+                else:
+                    a, b = G[i].double(), G[j].double()
+                    v = float(sketch_variance(a @ a, b @ b, a @ b, k_out))
+                var[i, j] = var[j, i] = var[i, j] + v
+    return var
+
+
 def sketch_variance(a2, b2, ab, k: int):
     """Var(⟨s_a, s_b⟩ − ⟨a, b⟩) = (|a|²|b|² + ⟨a,b⟩²)/k for a Gaussian sketch (floats or tensors)."""
     return (a2 * b2 + ab * ab) / k

@@ -167,11 +167,7 @@ def test_sketch_mode_rows_are_sketches_of_the_exact_gradients_and_entries_have_t
     rows, _ = pe.sequence_gradients(ex.trainer.policy, None, tokens, torch.zeros(0))
     K, _ = pe.kernel(rows, None, step=1)
     n = 7
-    var = torch.zeros(n, n, dtype=torch.float64)
-    for name in pe.names:
-        for i in range(n):
-            for j in range(i, n):
-                var[i, j] = var[j, i] = var[i, j] + FF.kronecker_variance(rows[name][i], rows[name][j], 4, 3)
+    var = FF.kronecker_variance_matrix(rows, 4, 3, n)
     z2 = []
     for seed in range(SEEDS):
         ps._kron = FF.KroneckerSketch(seed, 4, 3)

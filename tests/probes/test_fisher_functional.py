@@ -336,3 +336,12 @@ def test_cross_summary_by_hand():
     s = F.cross_summary(torch.tensor([[1.0, -2, 3], [3, 0, -1]]))
     assert s["mean"] == pytest.approx(4 / 6) and s["abs_mean"] == pytest.approx(10 / 6)
     torch.testing.assert_close(s["column_mean"], torch.tensor([2.0, -1, 1], dtype=torch.float64))
+
+
+def test_kronecker_variance_matrix_adds_weights_and_biases():
+    W, b = _randn(3, 5, 4, seed=70), _randn(3, 5, seed=71)
+    var = F.kronecker_variance_matrix({"w": W, "b": b}, 3, 2, n=2)
+    for i in range(2):
+        for j in range(2):
+            want = F.kronecker_variance(W[i], W[j], 3, 2) + F.sketch_variance(b[i] @ b[i], b[j] @ b[j], b[i] @ b[j], 3)
+            assert float(var[i, j]) == pytest.approx(float(want), rel=1e-12)
