@@ -21,7 +21,12 @@ at θ_{k+1}, and their derivatives along Δθ (one forward-mode pass). From thes
 Only the first PPO epoch's optimizer step is probed. Options: ``batch_size`` (B_E, sequences
 over all ranks, default 16), ``completions_per_prompt`` (k, default 2), ``microbatch_size``
 (default train.microbatch_size), ``pool`` (eval | train prompts, default eval), ``precision``
-(auto | float32 | float64 | model, default auto: float32 over a bf16 model).
+(auto | float32 | float64 | model, default auto: float32 over a bf16 model),
+``sampler_correction`` (per_decision | none, default per_decision): the E-batch is drawn by the
+rollout engine (bf16, LoRA-merged or compiled decoding), whose policy differs from the evaluated
+π_θk by rounding; per_decision importance-weights every decision back to π_θk with the log-prob
+the sampler reports for each token, so the estimates are unbiased for π_θk (none: estimates for
+the sampler's policy, which the weights' ESS says how far off).
 
 | key | meaning |
 |---|---|
@@ -37,7 +42,7 @@ over all ranks, default 16), ``completions_per_prompt`` (k, default 2), ``microb
 | `stop_frac` | fraction of E-batch completions that ended at a stop token (not the budget) |
 | `stops_multi` | completions that ended with a multi-token stop string (decision seen only at its last token) |
 | `logp_gap_tok` | mean per-token |log π in the probe's precision − log π in the model's| (0 when they are the same) |
-| `sampler_gap_tok`, `sampler_ess_frac` | how far the policy that sampled the E-batch (bf16, LoRA-merged or compiled decode) is from the evaluated π_θk: mean per-token |log π_θk − log π_sampler|, and Kish ESS / B_E of the sequence weights π_θk(y)/π_sampler(y) that would correct for it (1: no correction needed) |
+| `sampler_gap_tok`, `sampler_ess_frac` | how far the policy that sampled the E-batch (bf16, LoRA-merged or compiled decode) is from the evaluated π_θk: mean per-token |log π_θk − log π_sampler|, and Kish ESS / B_E of the sequence weights π_θk(y)/π_sampler(y) (1: the two are the same; ``sampler_correction`` per_decision weights each decision by its ratio) |
 | `time_gen_s`, `time_fwd_s`, `time_jvp_s` | cost: E-batch generation, the two forwards, the derivative pass (slowest rank) |
 """
 
@@ -49,7 +54,7 @@ import time
 import torch
 
 from probes.base import Probe, SetupContext, StepContext
-from probes.ebatch import EBatch, EBatchSpec, spec_from_options
+from probes.ebatch import EBatch, EBatchSpec, sampler_correction, spec_from_options
 from probes.evaluation import PRECISIONS, PolicyEvaluator
 from probes.functional import delta_h as F
 from probes.manager import register
@@ -57,7 +62,7 @@ from rl_training.errors import ConfigError
 from rl_training.policy import microbatches
 
 
-OPTIONS = {"batch_size", "completions_per_prompt", "microbatch_size", "pool", "precision"}
+OPTIONS = {"batch_size", "completions_per_prompt", "microbatch_size", "pool", "precision", "sampler_correction"}
 
 
 @register
@@ -73,6 +78,7 @@ class DeltaHProbe(Probe):
         self.precision = self.options.get("precision", "auto")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"probe '{self.name}': precision must be {'|'.join(PRECISIONS)}, got {self.precision!r}")
+        self.sampler_correction = sampler_correction(self.options, self.name)
         self.ebatches = ctx.ebatches
         self.ebatches.check(self.spec, f"probe '{self.name}'")
         self.pool_size = len(self.ebatches.pool(self.spec))
@@ -162,23 +168,14 @@ class DeltaHProbe(Probe):
             if ev.dtype != next(p.dtype for p in model.parameters() if not p.requires_grad):
                 gap, count = self._precision_gap(model, tensors, stops, theta_new, new["lp"])
                 timer["gap_sum"], timer["gap_n"] = timer.get("gap_sum", 0.0) + gap, timer.get("gap_n", 0.0) + count
-            log_w = self._sampler_log_weights(ebatch, rows, tensors, old["lp"], timer)
-            yield self._table(tensors, always, extra, extra_mask, old, new, d, ebatch.prompt[rows], log_w)
+            ls = ebatch.sampler_log_ratios(rows, old["lp"])
+            if ls is not None:
+                ls = ls.cpu()
+                timer["sampler_gap_sum"] = timer.get("sampler_gap_sum", 0.0) + float(ls.abs().sum())
+                timer["sampler_gap_n"] = timer.get("sampler_gap_n", 0.0) + float(tensors.completion_mask.sum())
+            yield self._table(tensors, always, extra, extra_mask, old, new, d, ebatch.prompt[rows], ls)
 
-    @staticmethod
-    def _sampler_log_weights(ebatch: EBatch, rows: slice, tensors, lp: torch.Tensor, timer: dict) -> torch.Tensor:
-        """Per row Σ_t (log π_θk − log π_sampler) over its tokens, and the per-token gap into
-        ``timer``: the sampler reports the log-prob it drew each token with (nan: it did not)."""
-        sampled = ebatch.completions.logp
-        mask = tensors.completion_mask.double()
-        if sampled is None:
-            return torch.full((mask.shape[0],), float("nan"), dtype=torch.float64)
-        diff = (lp.detach().double().cpu() - sampled[rows, : mask.shape[1]].double()) * mask
-        timer["sampler_gap_sum"] = timer.get("sampler_gap_sum", 0.0) + float(diff.abs().sum())
-        timer["sampler_gap_n"] = timer.get("sampler_gap_n", 0.0) + float(mask.sum())
-        return diff.sum(-1)
-
-    def _table(self, tensors, always, extra, extra_mask, old, new, d, prompt, log_w):
+    def _table(self, tensors, always, extra, extra_mask, old, new, d, prompt, ls):
         mask = tensors.completion_mask.double()
         cont, in_always, in_extra = F.stop_split(tensors.completion_ids, mask, always, extra, extra_mask)
         zero = torch.zeros_like(mask)
@@ -189,7 +186,10 @@ class DeltaHProbe(Probe):
             mask=mask, cont=cont, h=cpu["h"] * mask, lp=cpu["lp"] * mask, ps=cpu["ps"] * mask,
             h_new=cpu_new["h"] * mask, lp_new=cpu_new["lp"] * mask, ps_new=cpu_new["ps"] * mask,
             dh=cpu_d.get("h", zero) * mask, dlp=cpu_d.get("lp", zero) * mask, dps=cpu_d.get("ps", zero) * mask,
+            ls=ls if ls is not None and self.sampler_correction == "per_decision" else zero,
         )
+        # Σ_t log π_θk/π_sampler per row, for sampler_ess_frac whether or not it is corrected for
+        log_w = ls.sum(-1) if ls is not None else torch.full((mask.shape[0],), float("nan"), dtype=torch.float64)
         last = (mask.sum(-1).long() - 1).clamp(min=0).unsqueeze(1)
         ended = torch.where(in_always.gather(1, last), 1, torch.where(in_extra.gather(1, last), 2, 0)).squeeze(1)
         width = table.mask.shape[1]
@@ -236,3 +236,4 @@ class DeltaHProbe(Probe):
         L = float(self.l_budget)
         out.update(pred_tok=out["pred"] / L, true_tok=out["true"] / L, H_tok=out["H"] / L)
         return out
+

@@ -23,6 +23,7 @@ from rl_training.sampling import Completions, eos_token_ids, sample, stable_seed
 from rl_training.stops import StopRule
 
 POOLS = ("eval", "train")
+SAMPLER_CORRECTIONS = ("per_decision", "none")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,15 @@ def spec_from_options(options: dict, batch_size: int) -> EBatchSpec:
                       int(options.get("completions_per_prompt", 2)))
 
 
+def sampler_correction(options: dict, probe: str) -> str:
+    """A probe's ``sampler_correction`` option (per_decision | none, default per_decision), checked:
+    whether its estimates importance-weight the E-batch's decisions from the sampler back to π_θk."""
+    value = options.get("sampler_correction", "per_decision")
+    if value not in SAMPLER_CORRECTIONS:
+        raise ConfigError(f"probe '{probe}': sampler_correction must be {'|'.join(SAMPLER_CORRECTIONS)}, got {value!r}")
+    return value
+
+
 @dataclass
 class EBatch:
     completions: Completions | None  # this rank's rows (None: this rank holds no prompt)
@@ -50,6 +60,16 @@ class EBatch:
 
     def __len__(self) -> int:
         return len(self.prompt)
+
+    def sampler_log_ratios(self, rows: slice, lp: torch.Tensor) -> torch.Tensor | None:
+        """[b, w] float64 on ``lp``'s device: log π(y_t) − log π_sampler(y_t) of the rows ``rows``,
+        with ``lp`` [b, w] the evaluated policy's log-probs of their tokens, from the log-prob the
+        sampler reports for each token it drew (0 past a row's end); None when it reports none."""
+        sampled = self.completions.logp
+        if sampled is None:
+            return None
+        mask = self.completions.completion_mask[rows, : lp.shape[1]].to(lp.device, torch.float64)
+        return (lp.detach().double() - sampled[rows, : lp.shape[1]].to(lp.device, torch.float64)) * mask
 
 
 def ebatch_plan(pool_size: int, batch_size: int, per_prompt: int, seed: int, step: int) -> list[tuple[int, int]]:

@@ -39,7 +39,8 @@ Options: ``batch_size`` (B_E, default 8), ``completions_per_prompt`` (default 2)
 (none | adam, default adam), ``sketch_dim`` (k, default 512), ``top_eigenvalues`` (default 4),
 ``save`` (write run_dir/fisher/step_N.npz and step_N_top.json on rank 0, default true), ``mode``
 (exact | sketch, default exact), ``sketch_factors`` ([k_out, k_in] of mode sketch, default
-[16, 16]).
+[16, 16]), ``sampler_correction`` (per_decision | none, default per_decision: F weights the E
+rows' decisions from the sampler back to the evaluated π_θk, as the δH probe does).
 
 | key | meaning |
 |---|---|
@@ -68,7 +69,7 @@ import torch
 
 from probes.base import Probe, SetupContext, StepContext
 from probes.capture import LinearCapture
-from probes.ebatch import spec_from_options
+from probes.ebatch import EBatch, sampler_correction, spec_from_options
 from probes.evaluation import eval_mode
 from probes.functional import delta_h as DH
 from probes.functional import fisher as F
@@ -78,7 +79,7 @@ from rl_training.errors import ConfigError
 from rl_training.sampling import stable_seed
 
 OPTIONS = {"batch_size", "completions_per_prompt", "pool", "microbatch_size", "preconditioner", "sketch_dim",
-           "top_eigenvalues", "save", "mode", "sketch_factors"}
+           "top_eigenvalues", "save", "mode", "sketch_factors", "sampler_correction"}
 E_ROW, U_ROW, F_ROW = 0, 1, 2  # row kinds: E-batch sequence, training sequence, the rank's F
 META = ("rank", "kind", "prompt", "reward", "advantage", "length")
 
@@ -109,6 +110,7 @@ class FisherProbe(Probe):
         if self.mode == "sketch" and self.precondition == "adam":
             raise ConfigError(f"probe '{self.name}': mode sketch cannot apply Adam's D (it does not factor over a "
                               f"Kronecker sketch); set preconditioner: none")
+        self.sampler_correction = sampler_correction(o, self.name)
         self.micro = int(o.get("microbatch_size", cfg.train.microbatch_size))
         self.save = bool(o.get("save", True))
         self.cfg, self.world = cfg, ctx.world
@@ -153,7 +155,7 @@ class FisherProbe(Probe):
         t0 = time.perf_counter()
         if self.mode == "sketch":
             self._kron = F.KroneckerSketch(stable_seed(self.cfg.seed, "fisher-sketch", step), *self.factors)
-        rows, F_vec = self.sequence_gradients(model, ebatch.tensors if len(ebatch) else None, batch.tensors,
+        rows, F_vec = self.sequence_gradients(model, ebatch if len(ebatch) else None, batch.tensors,
                                               self._pool_weights(ebatch.prompt))
         self.stats["time_grad_s"] += time.perf_counter() - t0
         return dict(rows=rows, F=F_vec, meta=self._meta(ebatch, batch), texts=self._texts(batch))
@@ -176,10 +178,11 @@ class FisherProbe(Probe):
         self.stats["time_kernel_s"] += time.perf_counter() - t0
 
     # -------------------------------------------------------------------------- gradients
-    def sequence_gradients(self, model, e_tokens: policy.TokenBatch | None, u_tokens: policy.TokenBatch,
+    def sequence_gradients(self, model, ebatch: EBatch | None, u_tokens: policy.TokenBatch,
                            e_weights: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Per-row ∇S [n_E + n_U + 1, *shape] per parameter (E rows, U rows, then the row F) and
         F = Σ_t w_t ∇f_t as a dict, at the model's current parameters."""
+        e_tokens = ebatch.tensors if ebatch is not None else None
         self._rows = {n: [] for n in self.names}
         params = [p for n, p in model.named_parameters() if p.requires_grad]
         F_vec = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in zip(self.names, params)}
@@ -191,7 +194,8 @@ class FisherProbe(Probe):
                         terms, stops, mask = self._terms(model, mb)
                         torch.autograd.grad((terms["lp"] * mask).sum(), params, retain_graph=True, allow_unused=True)
                     cont, _, _ = DH.stop_split(mb.completion_ids.to(mask.device), mask, *stops)
-                    f = DH.rb_surrogate(terms, cont, mask, b[rows, : mask.shape[1]].to(mask.device))
+                    ls = ebatch.sampler_log_ratios(rows, terms["lp"]) if self.sampler_correction == "per_decision" else None
+                    f = DH.rb_surrogate(terms, cont, mask, b[rows, : mask.shape[1]].to(mask.device), ls)
                     w = e_weights[rows].to(f.device, f.dtype)
                     for n, g in zip(self.names, torch.autograd.grad((w * f).sum(), params, allow_unused=True)):
                         if g is not None:

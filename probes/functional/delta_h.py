@@ -40,6 +40,13 @@ stopped completion no longer has. Stop strings of several tokens are seen this w
 their last token (where P_S is near 1 and barely moves): their decision is an ordinary token
 whose variance the SE carries; the probe counts such endings (``stops_multi``).
 
+An E-batch drawn by another sampler q (bf16 or LoRA-merged decoding, a compiled graph) is a
+sample of q, not of the evaluated π_θk. The same recursion with ρ_t = π_t(y_t)/q_t(y_t) is
+unbiased for V_t under y ~ q (per-decision importance sampling: only the continue branch is
+sampled, the stop branch enters through P_C,t b_t), and its derivative weights position t's
+terms by W_t = Π_{s<t} ρ_s (``sampler_weights``). With q = π_θk every ρ is 1 and nothing changes;
+at bf16's per-token gap (≈ 1e-3 nats) the weights cost almost no variance.
+
 Baseline: b_t estimates the expected future entropy after continuing at t from the OTHER
 sequences of the E-batch (leave-one-out per-position means of h and P_S, ``value_baseline``). It
 never uses sequence i's own tokens (unbiased), exists at every due step including the first,
@@ -118,6 +125,12 @@ class TokenTable:
     dh: torch.Tensor
     dlp: torch.Tensor
     dps: torch.Tensor
+    # log ρ^s_t = ℓ_t − log π_sampler(y_t): 0 when the E-batch was drawn from the evaluated π_θk
+    ls: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.ls is None:
+            self.ls = torch.zeros_like(self.mask)
 
     @classmethod
     def names(cls) -> list[str]:
@@ -187,23 +200,43 @@ def stop_split(y: torch.Tensor, mask: torch.Tensor, always: torch.Tensor, extra:
     return mask * (~(in_always | in_extra)).to(mask.dtype), in_always, in_extra
 
 
-def rb_surrogate(terms: dict[str, torch.Tensor], cont: torch.Tensor, mask: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def sampler_weights(ls: torch.Tensor, cont: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ρ, W) [N, L] of per-decision importance sampling from the sampler to π_θk: ρ_t = exp(ls_t)
+    and W_t = Π_{s<t} c_s ρ_s, the weight of reaching position t (1 everywhere when ls = 0)."""
+    rho = torch.exp(ls) * mask
+    W = torch.cat([torch.ones_like(rho[:, :1]), (cont * rho)[:, :-1].cumprod(-1)], dim=1) * mask
+    return rho, W
+
+
+def rb_surrogate(terms: dict[str, torch.Tensor], cont: torch.Tensor, mask: torch.Tensor, b: torch.Tensor,
+                 ls: torch.Tensor | None = None) -> torch.Tensor:
     """f_i [N], differentiable: the function whose derivative along Δθ is row i's ``rb``
-    contribution, f = Σ_t m_t [h_t + c_t (V̂_{t+1} − b_t) ℓ_t − b_t P_S,t], with the baseline b
-    (``value_baseline`` of the rows it is an estimate over) and V̂ held at their current values."""
+    contribution, f = Σ_t W_t m_t [h_t + c_t ρ_t (V̂_{t+1} − b_t) ℓ_t − b_t P_S,t], with the baseline
+    b (``value_baseline`` of the rows it is an estimate over), V̂ and the sampler weights
+    (``sampler_weights`` of ``ls``; 1 without) held at their current values."""
+    ls = torch.zeros_like(mask) if ls is None else ls
+    rho, W = sampler_weights(ls, cont, mask)
     h, ps = terms["h"].detach() * mask, terms["ps"].detach() * mask
-    V = values(h, ps, cont, mask, b)
-    return (mask * (terms["h"] + cont * (V[:, 1:] - b) * terms["lp"] - b * terms["ps"])).sum(-1)
+    V = values(h, ps, cont, mask, b, ratio=rho)
+    return (W * mask * (terms["h"] + cont * rho * (V[:, 1:] - b) * terms["lp"] - b * terms["ps"])).sum(-1)
 
 
-def contributions(tab: TokenTable) -> dict[str, torch.Tensor]:
-    """Per-sequence contributions [N] (their means are the estimates) and per-sequence sums."""
+def contributions(tab: TokenTable, b: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per-sequence contributions [N] (their means are the estimates) and per-sequence sums, with
+    the baseline ``b`` [N, L] (default: ``value_baseline`` of the table's rows).
+
+    With ``tab.ls`` ≠ 0 (an E-batch drawn by a sampler other than the evaluated π_θk: bf16 or
+    LoRA-merged decoding) every decision is importance-weighted back to π_θk, ρ^s_t in the value
+    recursion and W_t on each position's terms of δH₁ (the derivative of that recursion), so
+    the estimates stay unbiased for π_θk; with ls = 0 they are the on-policy ones.
+    """
     m = tab.mask
-    b = value_baseline(tab.h, tab.ps, m)
-    V = values(tab.h, tab.ps, tab.cont, m, b)
-    V_new = values(tab.h_new, tab.ps_new, tab.cont, m, b, ratio=torch.exp(tab.lp_new - tab.lp) * m)
-    stop = -(tab.dps * b * m).sum(-1)
-    rb = (m * (tab.dh + tab.cont * tab.dlp * (V[:, 1:] - b))).sum(-1) + stop
+    b = value_baseline(tab.h, tab.ps, m) if b is None else b
+    rho, W = sampler_weights(tab.ls, tab.cont, m)
+    V = values(tab.h, tab.ps, tab.cont, m, b, ratio=rho)
+    V_new = values(tab.h_new, tab.ps_new, tab.cont, m, b, ratio=torch.exp(tab.lp_new - tab.lp + tab.ls) * m)
+    stop = -(W * tab.dps * b * m).sum(-1)
+    rb = (W * m * (tab.dh + tab.cont * rho * tab.dlp * (V[:, 1:] - b))).sum(-1) + stop
     # H from the value estimate too: the plain Σ_t h_t would see the stopping probability only
     # through sampled stops (exact check: 0.02 nats high, z ≈ 100, in batches without one).
     return {"rb": rb, "stop": stop, "true": V_new[:, 0] - V[:, 0], "H": V[:, 0],

@@ -86,6 +86,34 @@ def test_pred_is_the_derivative_of_true_along_the_tangents():
     assert torch.allclose(c["true"] / eps, c["rb"], rtol=1e-4, atol=1e-9)
 
 
+def _sampled_elsewhere(tab, seed):
+    """The table of an E-batch drawn by another sampler: ls = ℓ − log q ≠ 0 on real tokens."""
+    from dataclasses import replace
+
+    return replace(tab, ls=_rand(*tab.mask.shape, seed=seed, scale=0.05) * tab.mask)
+
+
+def test_with_sampler_weights_pred_is_still_the_derivative_of_true():
+    eps = 1e-6
+    tab = _sampled_elsewhere(_table(7, 5, seed=11, delta=eps), seed=12)
+    c = F.contributions(tab)
+    assert torch.allclose(c["true"] / eps, c["rb"], rtol=1e-4, atol=1e-9)
+    assert not torch.allclose(c["rb"], F.contributions(_table(7, 5, seed=11, delta=eps))["rb"], rtol=1e-3)
+
+
+def test_rb_surrogate_differentiates_to_the_probes_contribution_with_and_without_sampler_weights():
+    """The Fisher probe's F is built from rb_surrogate: along the tangents its derivative is rb."""
+    for tab in (_table(6, 5, seed=40), _sampled_elsewhere(_table(6, 5, seed=40), seed=41)):
+        b = F.value_baseline(tab.h, tab.ps, tab.mask)
+
+        def f(eps):
+            terms = {"h": tab.h + eps * tab.dh, "lp": tab.lp + eps * tab.dlp, "ps": tab.ps + eps * tab.dps}
+            return F.rb_surrogate(terms, tab.cont, tab.mask, b, tab.ls)
+
+        _, df = jvp(f, (torch.zeros((), dtype=torch.float64),), (torch.ones((), dtype=torch.float64),))
+        torch.testing.assert_close(df, F.contributions(tab)["rb"], rtol=1e-12, atol=1e-15)
+
+
 def test_stack_round_trip_and_delta_zero_gives_zero():
     tab = _table(4, 3, seed=20)
     back = F.TokenTable.unstack(tab.stack())

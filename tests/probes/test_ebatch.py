@@ -1,5 +1,7 @@
 """E-batches: the plan, the checks, and one generation per step for every probe that shares a spec."""
 
+import re
+
 import pytest
 import torch
 
@@ -101,18 +103,31 @@ def test_the_ebatch_rides_in_the_first_rollout_call_and_is_the_same_ebatch(monke
     assert out.metrics["probe/a/sampler_ess_frac"] > 1 - 1e-6
 
 
-def test_sampler_log_weights_are_the_evaluated_minus_the_sampled_log_probs():
-    from probes.delta_h import DeltaHProbe
+def test_sampler_log_ratios_are_the_evaluated_minus_the_sampled_log_probs():
     from rl_training.sampling import Completions
 
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
     sampled = torch.randn(3, 4) * mask
     lp = sampled.double() + torch.tensor([[0.1], [-0.2], [0.3]])  # the evaluated policy, shifted per row
-    comps = Completions(mask, mask, mask, mask, ["", "", ""], logp=sampled)
-    ebatch = EBatch(comps, torch.arange(3))
-    timer = {}
-    log_w = DeltaHProbe._sampler_log_weights(ebatch, slice(1, 3), ebatch.tensors.rows(slice(1, 3)), lp[1:], timer)
-    torch.testing.assert_close(log_w, torch.tensor([-0.4, 1.2], dtype=torch.float64), rtol=0, atol=1e-6)
-    assert timer["sampler_gap_n"] == 6 and timer["sampler_gap_sum"] == pytest.approx(0.4 + 1.2, abs=1e-6)
+    ebatch = EBatch(Completions(mask, mask, mask, mask, ["", "", ""], logp=sampled), torch.arange(3))
+    ls = ebatch.sampler_log_ratios(slice(1, 3), lp[1:, :3])
+    want = torch.tensor([[-0.2, -0.2, 0.0], [0.3, 0.3, 0.3]], dtype=torch.float64)
+    torch.testing.assert_close(ls, want, rtol=0, atol=1e-6)
     no_logp = EBatch(Completions(mask, mask, mask, mask, ["", "", ""]), torch.arange(3))
-    assert torch.isnan(DeltaHProbe._sampler_log_weights(no_logp, slice(0, 3), no_logp.tensors, lp, {})).all()
+    assert no_logp.sampler_log_ratios(slice(0, 3), lp) is None
+
+
+def test_the_delta_h_probe_weights_a_bf16_samplers_e_batch_back_to_the_evaluated_policy():
+    """bf16 decoding samples a policy a rounding away from the float32 one the probe evaluates:
+    per_decision moves the estimates by that little (well inside their SE), none leaves them the
+    sampler's; both probes share one E-batch and its sampler gap."""
+    s = _session("probes.probes=[{name: a, kind: delta_h, options: {batch_size: 8}},"
+                 " {name: b, kind: delta_h, options: {batch_size: 8, sampler_correction: none}}]", "model.dtype=bfloat16")
+    out = s.trainer.train_step().metrics
+    assert s.trainer.probes.probes[0].ebatches.generations == 1
+    assert out["probe/a/sampler_gap_tok"] == out["probe/b/sampler_gap_tok"] > 1e-5
+    for key in ("pred", "true", "H"):
+        a, b = out[f"probe/a/{key}"], out[f"probe/b/{key}"]
+        assert a != b and abs(a - b) < 0.1 * out[f"probe/b/{key}_se"], key
+    with pytest.raises(ConfigError, match=re.escape("sampler_correction must be per_decision|none, got 'snis'")):
+        _session("probes.probes=[{name: a, kind: delta_h, options: {sampler_correction: snis}}]")
