@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/rl-train --cfg cfg/smollm2_cpu_demo.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=25
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

@@ -188,14 +188,20 @@ class FisherProbe(Probe):
         F_vec = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in zip(self.names, params)}
         with eval_mode(model), torch.enable_grad():
             if e_tokens is not None:
-                b = self._baseline(model, e_tokens)
-                for rows, mb in policy.microbatches(e_tokens, self.micro):
+                parts = list(policy.microbatches(e_tokens, self.micro))
+                # The baseline needs every E row of the rank before the surrogate's backward: from a
+                # no-grad pass over them, unless one microbatch holds them all (B_E ≤ microbatch,
+                # the default), whose own forward then gives it.
+                b = self._baseline(model, e_tokens) if len(parts) > 1 else None
+                for rows, mb in parts:
                     with self._capturing():
                         terms, stops, mask = self._terms(model, mb)
                         torch.autograd.grad((terms["lp"] * mask).sum(), params, retain_graph=True, allow_unused=True)
                     cont, _, _ = DH.stop_split(mb.completion_ids.to(mask.device), mask, *stops)
                     ls = ebatch.sampler_log_ratios(rows, terms["lp"]) if self.sampler_correction == "per_decision" else None
-                    f = DH.rb_surrogate(terms, cont, mask, b[rows, : mask.shape[1]].to(mask.device), ls)
+                    b_mb = DH.value_baseline(terms["h"].detach().double() * mask, terms["ps"].detach().double() * mask,
+                                             mask) if b is None else b[rows, : mask.shape[1]].to(mask.device)
+                    f = DH.rb_surrogate(terms, cont, mask, b_mb, ls)
                     w = e_weights[rows].to(f.device, f.dtype)
                     for n, g in zip(self.names, torch.autograd.grad((w * f).sum(), params, allow_unused=True)):
                         if g is not None:
@@ -215,12 +221,15 @@ class FisherProbe(Probe):
         return rows, F_vec
 
     def _terms(self, model, mb: policy.TokenBatch):
-        """Per-token h, ℓ, P_S (float64, differentiable), the stop sets and the mask of a microbatch."""
+        """Per-token h, ℓ, P_S (differentiable), the stop sets and the mask of a microbatch; in
+        float32 (gradients only, accumulated in float32 rows) unless the model is float64."""
         logits = policy.completion_logits(model, *mb, self.cfg.rollout.temperature)
         dev = logits.device
         extra, extra_mask = self.stop_rule.stop_sets(mb.completion_ids, mb.completion_mask)
         stops = (torch.tensor(self.stop_rule.always, dtype=torch.long, device=dev), extra.to(dev), extra_mask.to(dev))
-        return DH.token_terms(logits, mb.completion_ids.to(dev), *stops), stops, mb.completion_mask.to(dev).double()
+        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        terms = DH.token_terms(logits, mb.completion_ids.to(dev), *stops, dtype=dtype)
+        return terms, stops, mb.completion_mask.to(dev).double()
 
     @torch.no_grad()
     def _baseline(self, model, e_tokens: policy.TokenBatch) -> torch.Tensor:

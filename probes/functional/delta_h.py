@@ -92,14 +92,16 @@ NEG_INF = float("-inf")
 
 
 def token_terms(logits: torch.Tensor, targets: torch.Tensor, always: torch.Tensor, extra: torch.Tensor,
-                extra_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """h, ℓ = log π(y_t) and P_S per position, [B, L] float64, differentiable (also forward-mode).
+                extra_mask: torch.Tensor, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+    """h, ℓ = log π(y_t) and P_S per position, [B, L] in ``dtype``, differentiable (also forward-mode).
 
     ``logits`` [B, L, V] (already divided by T); ``always`` [K0] stop ids valid everywhere;
     ``extra``/``extra_mask`` [B, L, K] the position-dependent ones. A logit of −inf (a masked
-    token) gives p = 0 and contributes 0 to h with a finite derivative.
+    token) gives p = 0 and contributes 0 to h with a finite derivative. float64 by default: the
+    δH probe differences these values between θ_k and θ_{k+1}; float32 halves the [B, L, V]
+    temporaries where only gradients are taken (the Fisher probe).
     """
-    logp = torch.log_softmax(logits.to(torch.float64), dim=-1)
+    logp = torch.log_softmax(logits.to(dtype), dim=-1)
     p = logp.exp()
     finite_logp = logp.masked_fill(logp == NEG_INF, 0.0)  # 0·(−inf) would be NaN
     h = -(p * finite_logp).sum(-1)

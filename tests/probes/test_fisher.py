@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from probes.fisher import FisherProbe
 from probes.functional import fisher as FF
 from rl_training import policy
 from tests.helpers.runs import run_in_process, train_log
@@ -95,14 +96,18 @@ def probe_named(model):
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-@pytest.mark.parametrize("optimizer,clip", [("sgd", 0), ("adamw", 0), ("sgd", 1e-3), ("adamw", 1e-3)])
-def test_contributions_sum_to_delta_h_of_the_real_update(optimizer, clip):
+@pytest.mark.parametrize("optimizer,clip,micro", [("sgd", 0, 3), ("adamw", 0, 3), ("sgd", 1e-3, 3), ("adamw", 1e-3, 3),
+                                                  ("adamw", 0, 8)])
+def test_contributions_sum_to_delta_h_of_the_real_update(monkeypatch, optimizer, clip, micro):
     """SGD, and Adam's first step without weight decay, move θ along Σ_j −A_j D∇S_j/(N·L)·η·c
     (c: the clipping factor; grad_clip 1e-3 clips every step here): Σ_j c_j equals δH₁ of the
-    real Δθ, and the probe's δH₁ equals the δH probe's (shared E-batch)."""
+    real Δθ, and the probe's δH₁ equals the δH probe's (shared E-batch). With the E-batch in one
+    microbatch its baseline comes from that microbatch's own forward: no extra pass."""
     s = _session("probes.probes=[{name: dh, kind: delta_h, options: {batch_size: 8}},"
-                 " {name: fk, kind: fisher, options: {batch_size: 8, microbatch_size: 3}}]",
+                 f" {{name: fk, kind: fisher, options: {{batch_size: 8, microbatch_size: {micro}}}}}]",
                  f"train.grad_clip={clip}", "train.weight_decay=0")
+    if micro == 8:
+        monkeypatch.setattr(FisherProbe, "_baseline", lambda *a: pytest.fail("a separate baseline pass"))
     tr = s.trainer
     lr = tr.lr_scheduler.get_last_lr()[0]
     if optimizer == "sgd":
