@@ -86,8 +86,9 @@ def test_probes_log_inside_trl_grpo(tmp_path):
         # |g|² is read after the last backward, before TRL clips (max_grad_norm is tiny here).
         assert row["probe/gns/g2"] == pytest.approx(row["grad_norm"] ** 2, rel=1e-4)
         # Fisher: the same E-batch and Δθ as δH; at TRL's first AdamW step (no weight decay) the
-        # training sequences' contributions, with TRL's clipping factor, add up to δH₁.
-        assert row["probe/fisher/pred"] == pytest.approx(row["probe/delta_h/pred"], rel=1e-5)
+        # training sequences' contributions, with TRL's clipping factor, add up to δH₁. Fisher's
+        # full-vocabulary entropies are float32 (gradients only), δH's float64: 1.4e-5 apart here.
+        assert row["probe/fisher/pred"] == pytest.approx(row["probe/delta_h/pred"], rel=1e-4)
         signal = [bool((group != 0).any()) for group in adv.reshape(-1, G)]
         assert row["probe/gns/P"] == sum(signal)
         assert row["probe/gns/q"] == pytest.approx(sum(signal) / len(signal))
