@@ -236,4 +236,3 @@ class DeltaHProbe(Probe):
         L = float(self.l_budget)
         out.update(pred_tok=out["pred"] / L, true_tok=out["true"] / L, H_tok=out["H"] / L)
         return out
-
