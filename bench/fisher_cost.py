@@ -49,8 +49,8 @@ def plain(model, params, tokens, micro, T):
         torch.autograd.grad((lp * mb.completion_mask).sum(), params)
 
 
-def kernel(probe, model, tokens, keep: dict | None = None):
-    rows, _ = probe.sequence_gradients(model, None, tokens, torch.zeros(0))
+def kernel(probe, model, tokens, keep: dict | None = None, sketch=None):
+    rows, _ = probe.sequence_gradients(model, None, tokens, torch.zeros(0), sketch)
     if keep is not None:
         keep.update(rows)
     return probe.kernel(rows, None, step=1)[0][:-1, :-1]  # drop the row F (no E-batch here)
@@ -92,7 +92,7 @@ def main() -> None:
     s = build_session(cfg, world)
     tr = s.trainer
     (probe, sketch), model, T = tr.probes.probes, tr.policy, cfg.rollout.temperature
-    sketch._kron = F.KroneckerSketch(0, *sketch.factors)
+    kron = F.KroneckerSketch(0, *sketch.factors)
     model.eval()
     batch = rollout.collect(tr.engine, tr.scheduler, tr.prompt_fn, tr.reward_fn, cfg, step=1, world=s.world)
     tokens = batch.tensors
@@ -103,7 +103,7 @@ def main() -> None:
     exact_rows: dict = {}
     runs = {"plain": lambda: plain(model, params, tokens, probe.micro, T),
             "kernel": lambda: kernel(probe, model, tokens, keep=exact_rows),
-            "sketch": lambda: kernel(sketch, model, tokens), "loop": lambda: loop(model, params, tokens, T)}
+            "sketch": lambda: kernel(sketch, model, tokens, sketch=kron), "loop": lambda: loop(model, params, tokens, T)}
     times = {k: [] for k in runs}
     results = {}
     order = list(runs)
@@ -122,7 +122,7 @@ def main() -> None:
     rel = float((K - K_loop).abs().max() / K_loop.abs().max())
     var = F.kronecker_variance_matrix(exact_rows, *sketch.factors, n=len(batch))
     z2 = float(((results["sketch"] - K) ** 2 / var).mean())
-    columns = sum(sketch._kron.dim(p.shape) for p in params)
+    columns = sum(kron.dim(p.shape) for p in params)
     real = int(tokens.prompt_mask.sum() + tokens.completion_mask.sum())
     padded = sum(mb.prompt_ids.numel() + mb.completion_ids.numel() for _, mb in policy.microbatches(tokens, probe.micro))
     summary = {

@@ -117,7 +117,7 @@ class FisherProbe(Probe):
         self.names = [n for n, p in ctx.model.named_parameters() if p.requires_grad]
         self.capture = LinearCapture(ctx.model, set(self.names), on_rows=self._on_rows) if self.mode == "exact" \
             else LinearCapture(ctx.model, set(self.names), on_tokens=self._on_tokens)
-        self._kron: F.KroneckerSketch | None = None  # mode sketch: this step's sketch
+        self._kron: F.KroneckerSketch | None = None  # mode sketch: the sketch of the pass under way
         self.stop_rule = ctx.ebatches.stop_rule(ctx.model)
         for key in ("local", "sketch", "meta", "texts"):
             self.add_stat(key, reduce="cat")
@@ -153,10 +153,10 @@ class FisherProbe(Probe):
         training batch ``batch``, then F; mode sketch: their sketches) and what the files need
         of each row."""
         t0 = time.perf_counter()
-        if self.mode == "sketch":
-            self._kron = F.KroneckerSketch(stable_seed(self.cfg.seed, "fisher-sketch", step), *self.factors)
+        sketch = F.KroneckerSketch(stable_seed(self.cfg.seed, "fisher-sketch", step), *self.factors) \
+            if self.mode == "sketch" else None
         rows, F_vec = self.sequence_gradients(model, ebatch if len(ebatch) else None, batch.tensors,
-                                              self._pool_weights(ebatch.prompt))
+                                              self._pool_weights(ebatch.prompt), sketch)
         self.stats["time_grad_s"] += time.perf_counter() - t0
         return dict(rows=rows, F=F_vec, meta=self._meta(ebatch, batch), texts=self._texts(batch))
 
@@ -178,10 +178,14 @@ class FisherProbe(Probe):
         self.stats["time_kernel_s"] += time.perf_counter() - t0
 
     # -------------------------------------------------------------------------- gradients
-    def sequence_gradients(self, model, ebatch: EBatch | None, u_tokens: policy.TokenBatch,
-                           e_weights: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def sequence_gradients(self, model, ebatch: EBatch | None, u_tokens: policy.TokenBatch, e_weights: torch.Tensor,
+                           sketch: F.KroneckerSketch | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Per-row ∇S [n_E + n_U + 1, *shape] per parameter (E rows, U rows, then the row F) and
-        F = Σ_t w_t ∇f_t as a dict, at the model's current parameters."""
+        F = Σ_t w_t ∇f_t as a dict, at the model's current parameters; mode sketch: the rows'
+        ``sketch`` [n_E + n_U + 1, columns] (required there)."""
+        if (sketch is None) != (self.mode == "exact"):
+            raise ValueError(f"probe '{self.name}': mode {self.mode} takes {'no' if self.mode == 'exact' else 'a'} sketch")
+        self._kron = sketch
         e_tokens = ebatch.tensors if ebatch is not None else None
         self._rows = {n: [] for n in self.names}
         params = [p for n, p in model.named_parameters() if p.requires_grad]
@@ -217,7 +221,7 @@ class FisherProbe(Probe):
             if got != n_rows:
                 raise RuntimeError(f"captured {got} of {n_rows} per-sequence gradients of {n}")
         rows = {n: torch.cat([*self._rows[n], self._f_row(n, F_vec[n])]) for n in self.names}
-        self._rows = {}
+        self._rows, self._kron = {}, None
         return rows, F_vec
 
     def _terms(self, model, mb: policy.TokenBatch):
