@@ -30,6 +30,7 @@ from rl_training.sampling import eos_token_ids
 from rl_training.session import build_session
 from rl_training.stops import StopRule
 from tests.helpers import exact_two_tokens as X
+from rl_training.models import _tiny_random
 from tests.helpers.runs import run_in_process, train_log
 
 pytestmark = pytest.mark.slow
@@ -85,6 +86,25 @@ def exact_run(tmp_path_factory):
             before, H_before = after, H
     (tmp / "exact.json").write_text(json.dumps({"logged": logged, "exact": rows}))
     return logged, rows
+
+
+@pytest.mark.parametrize("chunk", [160, 10**6])  # the default, and every candidate in one row
+def test_tree_forward_equals_the_plain_forward_of_each_sequence(chunk):
+    """The exact reference's tree batch (candidates sharing a prompt, left padding) gives the
+    log-probs a plain forward of each prompt and of each (prompt, v1) gives."""
+    tokenizer, model = _tiny_random(seed=3)
+    model = model.double().eval()
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("Q: 12 + 7 = ?", "Q: how many?")]
+    V, T = model.config.vocab_size, 0.7
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        mp.setattr(LlamaRMSNorm, "forward", X.rmsnorm_float64)
+        logp1, logp2 = X.first_two_positions(model, {}, prompts, T, chunk=chunk)
+        assert logp1.shape == (2, V) and logp2.shape == (2, V, V)
+        for i, ids in enumerate(prompts):
+            for v1 in (0, 159, 160, 161, V - 1):
+                plain = torch.log_softmax(model(torch.tensor([ids + [v1]])).logits[0, -2:].double() / T, -1)
+                torch.testing.assert_close(logp1[i], plain[0], rtol=0, atol=1e-12)
+                torch.testing.assert_close(logp2[i, v1], plain[1], rtol=0, atol=1e-12)
 
 
 def _z(logged, exact, key):
