@@ -21,11 +21,15 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/rl-train --cfg cfg/smollm2_cpu_demo.yaml
 
+# Two pytest-xdist workers (one torch thread each, tests/conftest.py): CI's machine has 2 cores.
+# loadscope keeps a module's tests on one worker (its module-scoped fixtures are built once).
+WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q -ra --durations=25
+	$(PY) -m pytest -q -ra --durations=25 -n $(WORKERS) --dist loadscope
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n $(WORKERS) --dist loadscope
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -55,6 +55,7 @@ def test_bad_input_is_one_line(run_dir, tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.ports
 def test_two_ranks_write_the_one_process_csv(run_dir, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["--run-dir", str(run_dir), "--steps", "2", "--output-dir", str(one), *ARGS]) == 0

@@ -85,6 +85,8 @@ COMMANDS = readme_commands(README.read_text())
 def _param(argv: list[str]):
     text = shlex.join(argv)
     marks = [pytest.mark.slow] if any(word in text for word in SLOW) else []
+    if "torchrun" in text:
+        marks.append(pytest.mark.ports)
     return pytest.param(argv, id=text[:90], marks=marks)
 
 

@@ -14,7 +14,7 @@ from tests.helpers.runs import (
     TINY, adapter, run_cmd, run_in_process, run_torchrun, same_metrics, torchrun_cmd, train_log,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ports]
 
 # Same global batch: 4 prompts × G=4 per step, drawn once and split over the ranks. Filtering
 # is off because which groups a rank accepts depends on how prompts are split.
