@@ -23,6 +23,10 @@ table and writes JSON:
     python bench/gpu_step.py --shape qwen2.5-1.5b --tokenizer .carry/smollm2_tokenizer --trl --out $OUT/gpu_step.json
     python bench/gpu_step.py --shape qwen2.5-1.5b --tokenizer .carry/smollm2_tokenizer --trainers gns_ess --steps 5
     python bench/gpu_step.py --shape tiny --steps 1 --compile-backend eager --out /tmp/gpu_step.json  # CPU, a minute
+
+The JSON is rewritten after each part (decode, steps, TRL; ``done`` names the last), and
+``--budget-s`` starts no new round of timed steps past that many seconds, so a run under a time
+limit ends with its figures (``timed_steps`` says how many each median is of).
 """
 
 from __future__ import annotations
@@ -124,11 +128,15 @@ def decode(trainer, rows: int, new_tokens: int, reps: int, backend: str) -> dict
     return out
 
 
-def steps(trainers: dict, n: int) -> dict:
-    """n alternated steps of every trainer after one warm-up step each (rotating the order)."""
+def steps(trainers: dict, n: int, deadline: float = float("inf")) -> dict:
+    """n alternated steps of every trainer after one warm-up step each (rotating the order); no
+    new round starts after ``deadline`` (perf_counter seconds) once one round is timed."""
     names = list(trainers)
     rows = {name: [] for name in names}
     for i in range(n + 1):
+        if i > 1 and time.perf_counter() > deadline:
+            print(f"--budget-s reached: {i - 1} timed steps per trainer, not {n}", flush=True)
+            break
         order = names[i % len(names):] + names[: i % len(names)]
         for name in order:
             sync()
@@ -139,7 +147,7 @@ def steps(trainers: dict, n: int) -> dict:
                 rows[name].append({"s": time.perf_counter() - t0, **metrics})
     out = {}
     for name, rs in rows.items():
-        out[name] = {"s_median": statistics.median(r["s"] for r in rs),
+        out[name] = {"timed_steps": len(rs), "s_median": statistics.median(r["s"] for r in rs),
                      "rollout_s_median": statistics.median(r["time/rollout_s"] for r in rs),
                      "completion_tokens_per_s": statistics.median(r["time/tokens_per_s"] for r in rs),
                      "logp_mismatch_tok": statistics.fmean(r["rollout/logp_mismatch_tok"] for r in rs),
@@ -163,7 +171,10 @@ def main() -> None:
     ap.add_argument("--trainers", default=",".join(TRAINERS),
                     help=f"comma-separated subset of {','.join(TRAINERS)} (bare is always included)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gpu_step.json")
+    ap.add_argument("--budget-s", type=float, default=float("inf"),
+                    help="wall seconds after which no new round of timed steps starts (a device call's limit)")
     args = ap.parse_args()
+    deadline = time.perf_counter() + args.budget_s
     chosen = ["bare", *[t for t in args.trainers.split(",") if t and t != "bare"]]
     if unknown := set(chosen) - set(TRAINERS):
         ap.error(f"--trainers: unknown {sorted(unknown)} (known: {', '.join(TRAINERS)})")
@@ -189,18 +200,26 @@ def main() -> None:
               "weight_bytes": params, "copy_bandwidth_bytes_per_s": bandwidth,
               "bound_ms_per_decode_step": 1e3 * params / bandwidth, "rows": rows, "new_tokens": new_tokens,
               "engine_merge_lora": bare.engine.merge_lora}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(done: str) -> None:  # after each part: a run killed at a time limit keeps the parts it finished
+        result["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated() if cuda else None
+        result["done"] = done
+        args.out.write_text(json.dumps(result, indent=1, default=str))
+
     result["decode"] = decode(bare, rows, new_tokens, args.decode_reps, args.compile_backend)
-    result["steps"] = steps(trainers, args.steps)
+    save("decode")
+    result["steps"] = steps(trainers, args.steps, deadline)
+    save("steps")
     if args.trl:
         sys.path.insert(0, str(REPO / "bench"))
         from step_vs_trl import alternate_with_trl
 
-        summary, _, _ = alternate_with_trl(sessions["bare"].cfg, bare, sessions["bare"].train_records, args.steps)
+        rounds = args.steps if time.perf_counter() < deadline else 1
+        summary, _, _ = alternate_with_trl(sessions["bare"].cfg, bare, sessions["bare"].train_records, rounds)
         result["trl"] = summary
-    result["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated() if cuda else None
+        save("trl")
     print(table(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1, default=str))
     print(f"wrote {args.out}")
 
 

@@ -18,8 +18,9 @@ pytest.importorskip("trl")
 @pytest.mark.slow
 def test_gpu_step_bench_smoke_on_the_tiny_shape(tmp_path):
     out = tmp_path / "gpu_step.json"
-    cmd = [sys.executable, "bench/gpu_step.py", "--shape", "tiny", "--steps", "1", "--decode-reps", "1", "--trl",
-           "--compile-backend", "eager", "--out", str(out)]
+    # --budget-s 0: one timed round of the 3 asked for, then TRL, as a run at a device's time limit
+    cmd = [sys.executable, "bench/gpu_step.py", "--shape", "tiny", "--steps", "3", "--budget-s", "0", "--decode-reps",
+           "1", "--trl", "--compile-backend", "eager", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
@@ -34,6 +35,8 @@ def test_gpu_step_bench_smoke_on_the_tiny_shape(tmp_path):
     for name in ("bare", "delta_h", "gns_ess", "compiled"):
         assert math.isfinite(r["steps"][name]["overhead_of_bare_step"])
     assert r["steps"]["bare"]["overhead_of_bare_step"] == 0.0
+    assert "--budget-s reached: 1 timed steps per trainer, not 3" in proc.stdout and r["done"] == "trl"
+    assert all(row["timed_steps"] == 1 for row in r["steps"].values())
     assert r["steps"]["delta_h"]["probe_time_s"] and r["steps"]["gns_ess"]["probe_time_s"]
     for name in ("bare", "compiled"):
         assert 0 <= r["steps"][name]["logp_mismatch_tok"] < 1e-3  # fp32: rounding only
