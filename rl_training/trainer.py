@@ -171,6 +171,14 @@ class Trainer:
             checkpoint.PROBES_KEY: self.probes.state_dict(),
         }
 
+    def close(self) -> None:
+        """Free DDP; call it before ``dist.shutdown()``. DDP's reducer holds the process group:
+        freed after ``destroy_process_group`` it destroys the group itself while holding the GIL,
+        and gloo's worker threads, freeing the tensors of the last collectives, wait for the GIL:
+        a hang at exit (seen in CI; pytorch/pytorch#56297). ``destroy_process_group`` releases
+        the GIL."""
+        self.ddp = None
+
     def save_checkpoint(self, ckpt_root) -> None:
         """Every rank calls this; rank 0 writes, with the RNG states of all ranks."""
         rng = self.world.all_gather_object(checkpoint.rng_state())

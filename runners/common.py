@@ -16,6 +16,7 @@ def run_main(body: Callable[[], tuple]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         world, session, summary = body()
+        session.trainer.close()  # before the process group goes (finally)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -71,3 +71,31 @@ def test_unknown_probe_kind_and_option_are_refused(tmp_path, capsys):
     assert "unknown probe kind 'nope'" in run_bad(tmp_path, capsys, "probes.probes=[{name: x, kind: nope}]")
     bad_opt = "probes.probes=[{name: d, kind: delta_h, options: {batchsize: 8}}]"
     assert "unknown option(s) ['batchsize']" in run_bad(tmp_path, capsys, bad_opt)
+
+
+def test_ddp_is_freed_before_the_process_group_is_destroyed(tmp_path, monkeypatch):
+    """DDP's reducer holds the process group; freed after destroy_process_group it destroys the
+    group holding the GIL, which gloo's threads may wait for (a hang at exit seen in CI)."""
+    import weakref
+
+    from rl_training import trainer as trainer_module
+    from runners import common
+
+    alive, real_shutdown = [], common.dist.shutdown
+
+    class TrackedDDP(trainer_module.DDP):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            alive.append(weakref.ref(self))
+
+    def shutdown():
+        assert alive and all(ref() is None for ref in alive), "DDP still alive when the process group is destroyed"
+        real_shutdown()
+
+    monkeypatch.setattr(trainer_module, "DDP", TrackedDDP)
+    monkeypatch.setattr(common.dist, "shutdown", shutdown)
+    monkeypatch.setenv("RL_TRAINING_FORCE_COLLECTIVES", "1")  # a 1-rank gloo group in memory: DDP, no port
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    assert main(["--cfg", str(TINY), f"output_dir={tmp_path}", "run_name=run", "train.total_steps=1",
+                 "train.backend=gloo"]) == 0
