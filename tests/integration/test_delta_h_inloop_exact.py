@@ -30,7 +30,7 @@ from rl_training.sampling import eos_token_ids
 from rl_training.session import build_session
 from rl_training.stops import StopRule
 from tests.helpers import exact_two_tokens as X
-from rl_training.models import _tiny_random
+from rl_training.models import TINY_RANDOM, ModelSpec, load_tokenizer_and_model
 from tests.helpers.runs import run_in_process, train_log
 
 pytestmark = pytest.mark.slow
@@ -92,8 +92,8 @@ def exact_run(tmp_path_factory):
 def test_tree_forward_equals_the_plain_forward_of_each_sequence(chunk):
     """The exact reference's tree batch (candidates sharing a prompt, left padding) gives the
     log-probs a plain forward of each prompt and of each (prompt, v1) gives."""
-    tokenizer, model = _tiny_random(seed=3)
-    model = model.double().eval()
+    tokenizer, model = load_tokenizer_and_model(ModelSpec(TINY_RANDOM, dtype="float64", seed=3))
+    model.eval()
     prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("Q: 12 + 7 = ?", "Q: how many?")]
     V, T = model.config.vocab_size, 0.7
     with pytest.MonkeyPatch.context() as mp, torch.no_grad():
