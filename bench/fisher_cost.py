@@ -53,7 +53,7 @@ def kernel(probe, model, tokens, keep: dict | None = None, sketch=None):
     rows, _ = probe.sequence_gradients(model, None, tokens, torch.zeros(0), sketch)
     if keep is not None:
         keep.update(rows)
-    return probe.kernel(rows, None, step=1)[0][:-1, :-1]  # drop the row F (no E-batch here)
+    return probe.kernel(rows, None, step=1)[0]
 
 
 def loop(model, params, tokens, T):

@@ -11,11 +11,15 @@ Adam preconditioner D = 1/(√v̂+ε) of this step's update applied once if aske
 
 Exact within a rank; across ranks each rank sends a seeded Gaussian sketch (k columns) of its
 rows, and cross-rank entries are sketch inner products (variance (|a|²|b|² + ⟨a,b⟩²)/k). At one
-rank everything is exact and nothing is sketched.
+rank everything is exact and nothing is sketched. The contributions c_j below stay exact at any
+number of ranks: F (one vector the size of the trainable parameters) is summed over the ranks
+before the update (an ``exchange`` stat: one all_reduce at due steps), and each rank meets its own
+sequences with it. Through sketches instead, ⟨F_r', D∇S_j⟩ of two near-orthogonal vectors would
+carry noise ~|F||∇S_j|/√k, far above the signal at LoRA's dimension.
 
 Which training sequences move the entropy (DESIGN.md): with f_t the Rao–Blackwellised surrogate
 of E-sequence t (``rb_surrogate``: its derivative along Δθ is the δH probe's per-sequence δH₁)
-and F = Σ_t w_t ∇f_t (w_t: the pool-mean weights of the δH estimate), the loss gradient at PPO
+and F = Σ_t w_t ∇f_t over every rank's E rows (w_t: the pool-mean weights of the δH estimate), the loss gradient at PPO
 ratio 1 is Σ_j −A_j ∇S_j/(N·L), so for an SGD step of size η on the gradient clipped by the
 factor c (1 when not clipped), δH₁ = Σ_j c_j with c_j = η·c·A_j/(N·L)·⟨F, D∇S_j⟩. `pred` = ⟨F, Δθ⟩
 with the real Δθ; `contrib_ratio` = Σ_j c_j / pred is 1 for SGD (and for Adam's first step
@@ -25,13 +29,14 @@ surrogate's leave-one-out baseline is taken over the rank's E rows: at one rank 
 the δH probe's δH₁ on the same E-batch (tested); at several ranks it is the same estimand with a
 slightly different (still row-independent) baseline.
 
-Memory: the rank's per-sequence gradients, (B_E/W + buffer/W + 1) × trainable parameters in
-float32, are held between the backward and the update. At the user's scale (Qwen2.5-1.5B, LoRA
-r64 on 7 projections: 74 M parameters; 145 rows a rank) that is ≈ 43 GB: use ``mode: sketch``.
+Memory: the rank's per-sequence gradients, (B_E/W + buffer/W) × trainable parameters in
+float32, and F in float64, are held between the backward and the update. At the user's scale
+(Qwen2.5-1.5B, LoRA r64 on 7 projections: 74 M parameters; 144 rows a rank) that is ≈ 43 GB:
+use ``mode: sketch``.
 There every sequence's gradient is sketched in the capture hooks from x_t and δ_t
 (``KroneckerSketch``: R_outᵀ G R_in per weight, k_out·k_in columns, never forming G), and every
 block, same-rank ones too, is a sketch inner product with variance Σ_param ``kronecker_variance``
-(`exact_frac` 0). Adam's D does not factor over that sketch: mode sketch needs
+(`exact_frac` 0); so is each c_j, against the sketch of F (summed over the ranks: sketches are linear). Adam's D does not factor over that sketch: mode sketch needs
 ``preconditioner: none``.
 
 Options: ``batch_size`` (B_E, default 8), ``completions_per_prompt`` (default 2), ``pool``
@@ -80,7 +85,7 @@ from rl_training.sampling import stable_seed
 
 OPTIONS = {"batch_size", "completions_per_prompt", "pool", "microbatch_size", "preconditioner", "sketch_dim",
            "top_eigenvalues", "save", "mode", "sketch_factors", "sampler_correction"}
-E_ROW, U_ROW, F_ROW = 0, 1, 2  # row kinds: E-batch sequence, training sequence, the rank's F
+E_ROW, U_ROW = 0, 1  # row kinds: E-batch sequence, training sequence
 META = ("rank", "kind", "prompt", "reward", "advantage", "length")
 
 
@@ -119,10 +124,14 @@ class FisherProbe(Probe):
             else LinearCapture(ctx.model, set(self.names), on_tokens=self._on_tokens)
         self._kron: F.KroneckerSketch | None = None  # mode sketch: the sketch of the pass under way
         self.stop_rule = ctx.ebatches.stop_rule(ctx.model)
-        for key in ("local", "sketch", "meta", "texts"):
+        params = dict(ctx.model.named_parameters())
+        sketch_dim = F.KroneckerSketch(0, *self.factors).dim
+        self._sizes = [params[n].numel() if self.mode == "exact" else sketch_dim(params[n].shape) for n in self.names]
+        # F over every rank's E rows (each rank's share summed before the update); mode sketch: its sketch.
+        self.add_stat("F", torch.zeros(sum(self._sizes), dtype=torch.float64), reduce="exchange")
+        for key in ("local", "sketch", "meta", "texts", "contrib"):
             self.add_stat(key, reduce="cat")
         self.add_stat("pred")
-        self.add_stat("scale", reduce="max")  # η/(N·L) of the update
         self.add_stat("preconditioned", reduce="min")
         self.add_stat("sketched", reduce="max")  # mode sketch: same-rank blocks are sketched too
         for key in ("time_grad_s", "time_kernel_s"):
@@ -157,17 +166,23 @@ class FisherProbe(Probe):
             if self.mode == "sketch" else None
         rows, F_vec = self.sequence_gradients(model, ebatch if len(ebatch) else None, batch.tensors,
                                               self._pool_weights(ebatch.prompt), sketch)
+        self.stats["F"] = torch.cat([self._flat_f(n, F_vec[n], sketch) for n in self.names])
         self.stats["time_grad_s"] += time.perf_counter() - t0
         return dict(rows=rows, F=F_vec, meta=self._meta(ebatch, batch), texts=self._texts(batch))
 
+    def _flat_f(self, name: str, f: torch.Tensor, sketch: F.KroneckerSketch | None) -> torch.Tensor:
+        f = f.reshape(1, *f.shape)
+        return (f if sketch is None else sketch.project(name, f)).reshape(-1).double().cpu()
+
     def accumulate(self, held: dict, D: dict | None, delta: dict, scale: float, step: int) -> None:
-        """After the update: this rank's exact block, its sketch (several ranks), ⟨F, Δθ⟩;
-        ``scale`` = η·c/(N·L) of the update's loss (N sequences over all ranks, L the token budget,
-        c the gradient clipping factor of the update)."""
+        """After the update: this rank's exact block, its sketch (several ranks), ⟨F, Δθ⟩, and
+        its training sequences' c_j against the F of all ranks (``stats["F"]``, summed before the
+        update); ``scale`` = η·c/(N·L) of the update's loss (N sequences over all ranks, L the
+        token budget, c the gradient clipping factor of the update)."""
         t0 = time.perf_counter()
         local, sketch = self.kernel(held["rows"], D, step)
+        self.stats["contrib"].append(self.contributions(held, D, scale))
         self.stats["pred"] += sum(float((held["F"][n].double() * delta[n].double()).sum()) for n in self.names)
-        self.stats["scale"] = scale
         self.stats["preconditioned"] = float(D is not None)
         self.stats["sketched"] = float(self.mode == "sketch")
         self.stats["local"].append(local)
@@ -180,9 +195,9 @@ class FisherProbe(Probe):
     # -------------------------------------------------------------------------- gradients
     def sequence_gradients(self, model, ebatch: EBatch | None, u_tokens: policy.TokenBatch, e_weights: torch.Tensor,
                            sketch: F.KroneckerSketch | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Per-row ∇S [n_E + n_U + 1, *shape] per parameter (E rows, U rows, then the row F) and
+        """Per-row ∇S [n_E + n_U, *shape] per parameter (E rows, then U rows) and this rank's
         F = Σ_t w_t ∇f_t as a dict, at the model's current parameters; mode sketch: the rows'
-        ``sketch`` [n_E + n_U + 1, columns] (required there)."""
+        ``sketch`` [n_E + n_U, columns] (required there)."""
         if (sketch is None) != (self.mode == "exact"):
             raise ValueError(f"probe '{self.name}': mode {self.mode} takes {'no' if self.mode == 'exact' else 'a'} sketch")
         self._kron = sketch
@@ -220,7 +235,7 @@ class FisherProbe(Probe):
             got = sum(len(r) for r in self._rows[n])
             if got != n_rows:
                 raise RuntimeError(f"captured {got} of {n_rows} per-sequence gradients of {n}")
-        rows = {n: torch.cat([*self._rows[n], self._f_row(n, F_vec[n])]) for n in self.names}
+        rows = {n: torch.cat(self._rows[n]) for n in self.names}
         self._rows, self._kron = {}, None
         return rows, F_vec
 
@@ -266,9 +281,6 @@ class FisherProbe(Probe):
             s = self._kron.project_tokens(name, x, delta) if attr == "weight" else self._kron.project(name, delta.sum(1))
             self._rows[name].append(s)
 
-    def _f_row(self, name: str, f: torch.Tensor) -> torch.Tensor:
-        return f.unsqueeze(0) if self.mode == "exact" else self._kron.project(name, f.unsqueeze(0))
-
     def _pool_weights(self, prompt: torch.Tensor) -> torch.Tensor:
         """w_t = 1/(n·k_p): the weights of the δH pool mean (whole prompts sit on one rank)."""
         if not len(prompt):
@@ -296,6 +308,21 @@ class FisherProbe(Probe):
                 sketch += sketcher.project(name, scaled.cpu())
         return local, sketch
 
+    def contributions(self, held: dict, D: dict | None, scale: float) -> torch.Tensor:
+        """c_j = scale·A_j·⟨F, D∇S_j⟩ [n_U] float64 of this rank's training sequences, with F the
+        sum over every rank's E rows (exact at any number of ranks: F itself crossed them, not
+        sketches of it); mode sketch: the inner product of their Kronecker sketches."""
+        meta = held["meta"]
+        U = (meta[:, 1] == U_ROW).nonzero().flatten()
+        dots = torch.zeros(len(U), 1, dtype=torch.float64)
+        start = 0
+        for name, size in zip(self.names, self._sizes):
+            rows = held["rows"][name][U.to(held["rows"][name].device)]
+            f = self.stats["F"][start:start + size].to(rows.device).reshape(1, *rows.shape[1:])
+            start += size
+            dots += F.gram(rows, f, weight=None if D is None else D[name]).cpu()
+        return scale * meta[U, 4] * dots[:, 0]
+
     def _meta(self, ebatch, batch) -> torch.Tensor:
         r, nE, nU = self.world.rank, len(ebatch), len(batch)
         e_len = ebatch.tensors.completion_mask.sum(-1).double() if nE else torch.zeros(0, dtype=torch.float64)
@@ -306,8 +333,7 @@ class FisherProbe(Probe):
         u = torch.stack([torch.full((nU,), float(r)), torch.full((nU,), float(U_ROW)),
                          (batch.group_index + r * nU).double(), batch.rewards.double(), batch.advantages.double(),
                          batch.completion_mask.sum(-1).double()], dim=1)
-        f = torch.tensor([[float(r), float(F_ROW), -1.0, float("nan"), float("nan"), 0.0]], dtype=torch.float64)
-        return torch.cat([e.double(), u, f])
+        return torch.cat([e.double(), u])
 
     @staticmethod
     def _texts(batch) -> list[torch.Tensor]:
@@ -349,9 +375,8 @@ class FisherProbe(Probe):
         g = self.assemble()
         K, exact, meta = g["K"], g["exact"], g["meta"]
         kind = meta[:, 1].long()
-        E, U, Fr = (kind == E_ROW).nonzero().flatten(), (kind == U_ROW).nonzero().flatten(), (kind == F_ROW).nonzero().flatten()
-        # c_j = η·A_j/(N·L)·Σ_r ⟨F_r, D∇S_j⟩ (each rank's F holds its own E rows).
-        contrib = s["scale"] * meta[U, 4] * K[Fr][:, U].sum(0)
+        E, U = (kind == E_ROW).nonzero().flatten(), (kind == U_ROW).nonzero().flatten()
+        contrib = torch.cat(s["contrib"])  # rank order, as U
         EU = torch.cat([E, U])
         out = {"n_E": float(len(E)), "n_U": float(len(U)), "preconditioned": s["preconditioned"],
                "exact_frac": float(exact[EU][:, EU].double().mean()),

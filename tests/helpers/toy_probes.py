@@ -97,3 +97,27 @@ class SnapshotProbe(Probe):
 
     def compute(self):
         return {"calls": self.stats["calls"]}
+
+
+class ExchangeProbe(Probe):
+    """Sends rank + 1 (three times) in an exchange-stat before the update and logs the sum it
+    saw after it; option ``fail_rank``: raises in the before-hook on that rank."""
+
+    kind = "test_exchange"
+
+    def setup(self, ctx):
+        self.rank = ctx.world.rank
+        self.fail_rank = self.options.get("fail_rank")
+        self.add_stat("v", torch.zeros(3), reduce="exchange")
+        self.add_stat("seen")
+
+    def on_before_optimizer_step(self, ctx):
+        if self.rank == self.fail_rank:
+            raise RuntimeError("boom")
+        self.stats["v"] = torch.full((3,), self.rank + 1.0)
+
+    def on_after_optimizer_step(self, ctx):
+        self.stats["seen"] += float(self.stats["v"].sum())
+
+    def compute(self):
+        return {"seen": self.stats["seen"]}

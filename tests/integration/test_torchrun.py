@@ -136,10 +136,13 @@ def _rows_by_key(keys) -> dict:
     return out
 
 
-def _fisher_blocks_two_ranks_and_one(tmp_path, fisher: tuple):
-    """Per block (uu, ee): the 1-process kernel in the 2-rank run's row order, and both npz files."""
+def _fisher_blocks_two_ranks_and_one(tmp_path, fisher: tuple, logs: list | None = None):
+    """Per block (uu, ee): the 1-process kernel in the 2-rank run's row order, and both npz files;
+    ``logs`` gets the two runs' logged rows (two ranks, then one process)."""
     two = run_torchrun(tmp_path / "two", 2, *COMMON, "rollout.prompts_per_round=2", *fisher)
     one = run_in_process(tmp_path / "one", *COMMON, "rollout.prompts_per_round=4", *fisher)
+    if logs is not None:
+        logs += [train_log(two)[0], train_log(one)[0]]
     z2, z1 = np.load(two / "fisher" / "step_1.npz"), np.load(one / "fisher" / "step_1.npz")
     for block, keys in (("uu", "u_ids"), ("ee", None)):
         k2 = z2[keys].tolist() if keys else z2["meta_e"][:, 2].tolist()
@@ -151,10 +154,14 @@ def _fisher_blocks_two_ranks_and_one(tmp_path, fisher: tuple):
 
 def test_fisher_exact_blocks_equal_one_process_and_sketched_ones_hold_their_variance(tmp_path):
     """Same-rank entries are exact (≤ 1e-6 of the kernel's scale); cross-rank entries are
-    sketch inner products whose error is within 4 SD of (K_ii K_jj + K_ij²)/k."""
-    fisher = ("probes.probes=[{name: fisher, kind: fisher, options: {batch_size: 8, preconditioner: none,"
+    sketch inner products whose error is within 4 SD of (K_ii K_jj + K_ij²)/k. The training
+    sequences' contributions c_j are exact at two ranks too (F is summed over the ranks, not
+    sketched): at Adam's first step they add up to δH₁ of the update (through sketches: off by
+    ±20 % in a TRL run of this size)."""
+    fisher = ("probes.probes=[{name: fisher, kind: fisher, options: {batch_size: 8, preconditioner: adam,"
               " sketch_dim: 256}}]", "train.total_steps=1")
-    for block, K1, z1, z2 in _fisher_blocks_two_ranks_and_one(tmp_path, fisher):
+    logs = []
+    for block, K1, z1, z2 in _fisher_blocks_two_ranks_and_one(tmp_path, fisher, logs):
         K2, exact = z2[f"K_{block}"], z2[f"exact_{block}"]
         assert z1[f"exact_{block}"].all() and exact.any() and not exact.all()
         scale = np.abs(K1).max()
@@ -163,6 +170,9 @@ def test_fisher_exact_blocks_equal_one_process_and_sketched_ones_hold_their_vari
         z = ((K2 - K1) / sd)[~exact]
         assert np.abs(z).max() < 4, (block, np.abs(z).max())
         assert np.abs(z).mean() > 0.1, "cross-rank entries are sketched, not exact"
+    for row in logs:
+        assert row["probe/fisher/preconditioned"] == 1.0
+        assert row["probe/fisher/contrib_ratio"] == pytest.approx(1.0, abs=1e-4)
 
 
 def test_fisher_sketch_mode_at_two_ranks_is_the_one_process_sketch(tmp_path):

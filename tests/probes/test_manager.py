@@ -169,7 +169,9 @@ def run_ranks(make_probes, steps, world_size=2):
             outs = []
             for step in steps:
                 m.begin_step(step)
-                m.on_before_optimizer_step(SimpleNamespace(step=step, epoch=0))
+                ctx = SimpleNamespace(step=step, epoch=0, world=world)
+                m.on_before_optimizer_step(ctx)
+                m.on_after_optimizer_step(ctx)
                 outs.append(m.reduce(world))
             results[rank] = (outs, m)
         except Exception as e:  # noqa: BLE001 - reported by the test thread
@@ -217,6 +219,41 @@ def test_packing_failure_on_one_rank_zero_fills_its_slot_and_disables_it_everywh
             assert not any(k.startswith("probe/bad/") for k in out)
     assert m0.disabled == m1.disabled == {"bad"}
     assert "probe bad failed" in caplog.text
+
+
+def test_exchange_stats_are_summed_over_the_ranks_before_the_update():
+    from tests.helpers.toy_probes import ExchangeProbe
+
+    (outs0, _), (outs1, _) = run_ranks(lambda: [ExchangeProbe("x", 2), SumProbe("good")], [1, 2])
+    for outs in (outs0, outs1):
+        assert "probe/x/seen" not in outs[0]  # not due: no exchange (ThreadWorld checks both ranks agree)
+        assert outs[1]["probe/x/seen"] == 2 * 9.0  # each rank saw (1 + 2)·3 after the update
+
+
+def test_exchange_takes_one_collective_at_due_steps_of_ppo_epoch_0_only():
+    from types import SimpleNamespace
+
+    from tests.helpers.toy_probes import ExchangeProbe
+
+    m = ProbeManager([ExchangeProbe("x", 2), SumProbe("good")])
+    world = CountingWorld()
+    m.setup(SetupContext(None, world, None, None, {}))
+    for step, exchanges in ((1, 0), (2, 1)):
+        world.calls["sum"] = 0
+        m.begin_step(step)
+        for epoch in (0, 1):
+            m.on_before_optimizer_step(SimpleNamespace(step=step, epoch=epoch, world=world))
+        assert world.calls["sum"] == exchanges, step
+        m.reduce(world)
+
+
+def test_a_probe_failing_before_its_exchange_on_one_rank_is_disabled_everywhere_without_a_hang():
+    from tests.helpers.toy_probes import ExchangeProbe
+
+    (outs0, m0), (outs1, m1) = run_ranks(lambda: [ExchangeProbe("x", 1, {"fail_rank": 1}), SumProbe("good")], [1, 2])
+    for outs in (outs0, outs1):
+        assert all(out["probe/good/a"] == 3.0 and "probe/x/seen" not in out for out in outs)
+    assert m0.disabled == m1.disabled == {"x"}
 
 
 def test_param_snapshot_is_a_copy_and_its_time_is_shared_by_the_probes_that_asked(monkeypatch):
