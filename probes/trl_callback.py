@@ -25,8 +25,9 @@ What carries over, and the limits, probe by probe:
 - all: one optimizer step per generation batch (``num_iterations`` = 1 and ``steps_per_generation``
   = ``gradient_accumulation_steps``, TRL's defaults); refused otherwise. Δθ is read from the
   parameters, so TRL's optimizer, schedule and clipping are included exactly. Probe state
-  (GNS EMAs) is not in TRL's checkpoints: a resumed TRL run restarts the EMAs. Tested on one
-  process; several processes use accelerate's process group through ``DistInfo`` (untested).
+  (GNS EMAs) is not in TRL's checkpoints: a resumed TRL run restarts the EMAs. Several
+  processes reduce over accelerate's process group through ``DistInfo`` (tested: two processes
+  log what one does on the same generation batch).
 - ``delta_h``, ``fisher``: the E-batch comes from ``eval_prompts`` (prompt texts as TRL's
   generation sees them, chat template applied), sampled by our exact full-vocabulary sampler from
   π_T, stopping at EOS like TRL's ``generate`` (``stop_strings`` to match other stopping). TRL's

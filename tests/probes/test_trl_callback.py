@@ -5,57 +5,32 @@ so TRL's shuffle spreads every group over both), ``loss_type="dr_grpo"``. The δ
 keys (and Fisher's) reach TRL's log with finite values, and the ones with an independent reference agree with
 it: δH₁ with the measured ΔH of TRL's real update, GNS's |g|² with TRL's own (pre-clipping) grad_norm², ESS's N with the rows of the step, and
 GNS's P and q with the groups' advantages TRL computed, Fisher's δH₁ with δH's, and its
-training-sequence contributions with δH₁ at TRL's first (clipped) AdamW step.
+training-sequence contributions with δH₁ at TRL's first (clipped) AdamW step. On two processes
+(torchrun) the reduced values equal one process's on the same generation batch.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 
 import pytest
+import torch
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
 from probes.trl_callback import ProbeCallback  # noqa: E402
 from rl_training.errors import ConfigError  # noqa: E402
-from rl_training.models import TINY_RANDOM, ModelSpec, apply_lora, load_tokenizer_and_model  # noqa: E402
+from tests.helpers.runs import REPO, free_port, run_cmd  # noqa: E402
+from tests.helpers.trl_grpo import EVAL, G, PROBES, make_trainer, train_keyed  # noqa: E402
 
-G, ROWS, ACCUM = 4, 4, 2  # 8 rows = 2 groups per step
-TRAIN = ["What is 2 + 3?", "What is 7 - 4?", "What is 6 + 1?", "What is 9 - 8?"]
-EVAL = ["What is 1 + 1?", "What is 5 - 2?", "What is 4 + 4?", "What is 8 - 3?"]
-PROBES = [
-    {"name": "delta_h", "kind": "delta_h", "options": {"batch_size": 4, "completions_per_prompt": 2}},
-    {"name": "ess", "kind": "ess"},
-    {"name": "gns", "kind": "gns"},
-    {"name": "fisher", "kind": "fisher", "options": {"batch_size": 4}},
-]
-
-
-def token_sum_reward(prompts, completions, completion_ids, **kwargs):
-    """Varies within every group (distinct sampled ids), so every group has signal."""
-    return [float(sum(ids) % 7) for ids in completion_ids]
-
-
-def make_trainer(tmp_path, **overrides):
-    tokenizer, base = load_tokenizer_and_model(ModelSpec(TINY_RANDOM, seed=0))
-    model = apply_lora(base, r=4, alpha=8.0, dropout=0.0, target_modules=["q_proj", "v_proj"], seed=0)
-    settings = dict(
-        output_dir=str(tmp_path / "trl"), use_cpu=True, report_to=[], bf16=False,
-        loss_type="dr_grpo", scale_rewards="none", beta=0.0, max_completion_length=8, num_generations=G,
-        per_device_train_batch_size=ROWS, gradient_accumulation_steps=ACCUM, temperature=1.0,
-        learning_rate=1e-3, max_grad_norm=1e-3, max_steps=2, logging_steps=1, save_strategy="no", seed=0,
-        gradient_checkpointing=False, use_vllm=False,
-    )  # fmt: skip
-    settings.update(overrides)
-    return trl.GRPOTrainer(
-        model=model, reward_funcs=token_sum_reward, args=trl.GRPOConfig(**settings), processing_class=tokenizer,
-        train_dataset=datasets.Dataset.from_dict({"prompt": TRAIN}),
-    )  # fmt: skip
+ROWS, ACCUM = 4, 2  # 8 rows = 2 groups per step
 
 
 def test_probes_log_inside_trl_grpo(tmp_path):
-    trainer = make_trainer(tmp_path)
+    trainer = make_trainer(tmp_path / "trl", rows=ROWS, accum=ACCUM)
     advantages = []
     generate = trainer._generate_and_score_completions
 
@@ -99,8 +74,46 @@ def test_probes_log_inside_trl_grpo(tmp_path):
 
 def test_refuses_what_it_cannot_probe(tmp_path):
     with pytest.raises(ConfigError, match="loss_type must be 'dr_grpo'"):
-        ProbeCallback(make_trainer(tmp_path, loss_type="grpo"), PROBES, eval_prompts=EVAL)
+        ProbeCallback(make_trainer(tmp_path / "trl", loss_type="grpo"), PROBES, eval_prompts=EVAL)
     with pytest.raises(ConfigError, match="num_iterations = 1"):
-        ProbeCallback(make_trainer(tmp_path, num_iterations=2), PROBES, eval_prompts=EVAL)
+        ProbeCallback(make_trainer(tmp_path / "trl", num_iterations=2), PROBES, eval_prompts=EVAL)
     with pytest.raises(ConfigError, match="unknown probe kind"):
-        ProbeCallback(make_trainer(tmp_path), [{"name": "x", "kind": "nope"}], eval_prompts=EVAL)
+        ProbeCallback(make_trainer(tmp_path / "trl"), [{"name": "x", "kind": "nope"}], eval_prompts=EVAL)
+
+
+SNIS = ("/true", "/true_se", "/true_df", "/true_tok", "/ratio", "/cov_pred")  # amplify θ_{k+1}'s fp32 rounding
+
+
+@pytest.mark.slow
+@pytest.mark.ports
+def test_two_processes_log_what_one_process_logs_on_the_same_generation_batch(tmp_path, monkeypatch):
+    """TRL on two processes (torchrun, gloo, DDP) against one, on the same global generation batch
+    (``keyed_rollout``; TRL deals it out in rank order and gathers it back): the probes reduce over
+    accelerate's process group to the one-process values, both processes log the same ones, and
+    the Fisher contributions stay exact across processes (their sum is δH₁ at Adam's first step)."""
+    two = tmp_path / "two"
+    two.mkdir()
+    run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+             str(REPO / "tests" / "helpers" / "trl_grpo.py"), str(two), str(ROWS), str(ACCUM)])
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    one = train_keyed(tmp_path / "one", rows=2 * ROWS, accum=ACCUM)  # the same 16 rows a step
+    logs = [json.loads((two / f"rank{r}.json").read_text()) for r in (0, 1)]
+    timeless = [[{k: v for k, v in row.items() if "time" not in k} for row in log] for log in logs]
+    assert timeless[0] == timeless[1], "every process logs the reduced values"
+    assert len(logs[0]) == len(one["logs"]) == 2
+    for step, (a, b) in enumerate(zip(logs[0], one["logs"]), start=1):
+        keys = [k for k in b if k.startswith("probe/") and "/time" not in k and not k.startswith("probe/fisher/")]
+        assert {k for k in a if k in keys} == set(keys)
+        for key in keys:
+            if key.endswith("/sampler_gap_tok"):  # fp32 rounding of the decode, which batch composition changes
+                assert 0 <= a[key] < 1e-5, key
+                continue
+            assert a[key] == pytest.approx(b[key], rel=1e-3 if key.endswith(SNIS) else 1e-5, abs=1e-12), (step, key)
+        assert a["probe/gns/g2"] == pytest.approx(a["grad_norm"] ** 2, rel=1e-4)
+        assert a["probe/ess/sequences"] == 16 and a["probe/gns/P"] == 4
+        assert a["probe/fisher/exact_frac"] == 0.5 and b["probe/fisher/exact_frac"] == 1.0
+        assert (a["probe/fisher/n_E"], a["probe/fisher/n_U"]) == (b["probe/fisher/n_E"], b["probe/fisher/n_U"])
+    assert logs[0][0]["probe/fisher/contrib_ratio"] == pytest.approx(1.0, abs=1e-4)
+    lora = torch.load(two / "rank0.pt")
+    for name, p in one["lora"].items():
+        torch.testing.assert_close(lora[name], p, rtol=0, atol=1e-4 * float(p.abs().max()))
