@@ -50,6 +50,11 @@ class StepContext:
         return {n: p.detach() - self.params_before[n] for n, p in self.trainable().items()}
 
 
+def is_last_microbatch(ctx) -> bool:
+    """In ``on_after_backward``: the PPO epoch's last microbatch (its gradient is the synced one)."""
+    return ctx.num_microbatches > 0 and ctx.microbatch_index == ctx.num_microbatches - 1
+
+
 @dataclass
 class SetupContext:
     cfg: Any

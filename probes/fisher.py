@@ -12,10 +12,11 @@ Adam preconditioner D = 1/(√v̂+ε) of this step's update applied once if aske
 Exact within a rank; across ranks each rank sends a seeded Gaussian sketch (k columns) of its
 rows, and cross-rank entries are sketch inner products (variance (|a|²|b|² + ⟨a,b⟩²)/k). At one
 rank everything is exact and nothing is sketched. The contributions c_j below stay exact at any
-number of ranks: F (one vector the size of the trainable parameters) is summed over the ranks
-before the update (an ``exchange`` stat: one all_reduce at due steps), and each rank meets its own
-sequences with it. Through sketches instead, ⟨F_r', D∇S_j⟩ of two near-orthogonal vectors would
-carry noise ~|F||∇S_j|/√k, far above the signal at LoRA's dimension.
+number of ranks: the E half runs after the step's last training backward, its F (one vector the
+size of the trainable parameters) is summed over the ranks right then (an ``exchange`` stat: one
+all_reduce at due steps), and each rank meets its own training sequences with it. Through
+sketches instead, ⟨F_r', D∇S_j⟩ of two near-orthogonal vectors would carry noise ~|F||∇S_j|/√k,
+far above the signal at LoRA's dimension.
 
 Which training sequences move the entropy (DESIGN.md): with f_t the Rao–Blackwellised surrogate
 of E-sequence t (``rb_surrogate``: its derivative along Δθ is the δH probe's per-sequence δH₁)
@@ -36,8 +37,9 @@ use ``mode: sketch``.
 There every sequence's gradient is sketched in the capture hooks from x_t and δ_t
 (``KroneckerSketch``: R_outᵀ G R_in per weight, k_out·k_in columns, never forming G), and every
 block, same-rank ones too, is a sketch inner product with variance Σ_param ``kronecker_variance``
-(`exact_frac` 0); so is each c_j, against the sketch of F (summed over the ranks: sketches are linear). Adam's D does not factor over that sketch: mode sketch needs
-``preconditioner: none``.
+(`exact_frac` 0). The c_j stay exact there: the hooks of the training rows' pass contract each
+sequence's x_t and δ_t with F (summed over the ranks by then), Σ_t δ_t·(F x_t), one matmul a
+module. Adam's D does not factor over that sketch: mode sketch needs ``preconditioner: none``.
 
 Options: ``batch_size`` (B_E, default 8), ``completions_per_prompt`` (default 2), ``pool``
 (eval | train), ``microbatch_size`` (default train.microbatch_size), ``preconditioner``
@@ -67,12 +69,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 
 import numpy as np
 import torch
 
-from probes.base import Probe, SetupContext, StepContext
+from probes.base import Probe, SetupContext, StepContext, is_last_microbatch
 from probes.capture import LinearCapture
 from probes.ebatch import EBatch, sampler_correction, spec_from_options
 from probes.evaluation import eval_mode
@@ -125,10 +128,9 @@ class FisherProbe(Probe):
         self._kron: F.KroneckerSketch | None = None  # mode sketch: the sketch of the pass under way
         self.stop_rule = ctx.ebatches.stop_rule(ctx.model)
         params = dict(ctx.model.named_parameters())
-        sketch_dim = F.KroneckerSketch(0, *self.factors).dim
-        self._sizes = [params[n].numel() if self.mode == "exact" else sketch_dim(params[n].shape) for n in self.names]
-        # F over every rank's E rows (each rank's share summed before the update); mode sketch: its sketch.
-        self.add_stat("F", torch.zeros(sum(self._sizes), dtype=torch.float64), reduce="exchange")
+        # F over every rank's E rows: each rank's share, summed between the last backward and the update.
+        self.add_stat("F", torch.zeros(sum(params[n].numel() for n in self.names), dtype=torch.float64),
+                      reduce="exchange")
         for key in ("local", "sketch", "meta", "texts", "contrib"):
             self.add_stat(key, reduce="cat")
         self.add_stat("pred")
@@ -137,13 +139,24 @@ class FisherProbe(Probe):
         for key in ("time_grad_s", "time_kernel_s"):
             self.add_stat(key, reduce="max")
         self._rows: dict[str, list[torch.Tensor]] = {}
+        self._F_all: dict[str, torch.Tensor] | None = None  # mode sketch, during the U pass: F of all ranks
+        self._dots = torch.zeros(0, dtype=torch.float64)  # mode sketch: the microbatch's ⟨F, ∇S_j⟩
+        self._e: dict | None = None  # the E half's result, from the last backward to the U half
         self._held: dict | None = None
 
     # -------------------------------------------------------------------------- hooks
-    def on_before_optimizer_step(self, ctx: StepContext) -> None:
-        if ctx.epoch > 0:
+    def on_after_backward(self, ctx: StepContext) -> None:
+        """After the step's last training backward: the E half, whose F the manager then sums
+        over the ranks (this probe's exchange-stat) before ``on_before_optimizer_step``."""
+        if ctx.epoch > 0 or not is_last_microbatch(ctx):
             return
-        self._held = self.gradients(ctx.model, self.ebatches.get(ctx.model, ctx.step, self.spec), ctx.batch, ctx.step)
+        self._e = self.e_half(ctx.model, self.ebatches.get(ctx.model, ctx.step, self.spec), ctx.step)
+
+    def on_before_optimizer_step(self, ctx: StepContext) -> None:
+        if ctx.epoch > 0 or self._e is None:
+            return
+        e, self._e = self._e, None
+        self._held = self.u_half(ctx.model, e, ctx.batch)
         grads = [p.grad.double().pow(2).sum() for p in ctx.trainable().values() if p.grad is not None]
         norm = float(torch.stack(grads).sum().sqrt()) if grads else 0.0
         self._held["clip"] = F.clip_coefficient(norm, ctx.cfg.train.grad_clip)
@@ -156,23 +169,33 @@ class FisherProbe(Probe):
         scale = ctx.lr * held["clip"] / (ctx.cfg.train.buffer_size * ctx.cfg.rollout.max_new_tokens)
         self.accumulate(held, D, ctx.delta_theta(), scale, ctx.step)
 
-    # -------------------------------------------------------------------------- the two halves
-    def gradients(self, model, ebatch, batch, step: int) -> dict:
-        """Before the update, at θ_k: this rank's per-sequence gradients (E-batch, then the
-        training batch ``batch``, then F; mode sketch: their sketches) and what the files need
-        of each row."""
+    # -------------------------------------------------------------------------- the three parts
+    def e_half(self, model, ebatch, step: int) -> dict:
+        """Before the update, at θ_k: the E rows' per-sequence gradients (mode sketch: their
+        sketches), and this rank's F = Σ_t w_t ∇f_t, also flat in ``stats["F"]`` to be summed."""
         t0 = time.perf_counter()
         sketch = F.KroneckerSketch(stable_seed(self.cfg.seed, "fisher-sketch", step), *self.factors) \
             if self.mode == "sketch" else None
-        rows, F_vec = self.sequence_gradients(model, ebatch if len(ebatch) else None, batch.tensors,
-                                              self._pool_weights(ebatch.prompt), sketch)
-        self.stats["F"] = torch.cat([self._flat_f(n, F_vec[n], sketch) for n in self.names])
+        self._begin_rows(sketch)
+        F_vec = self._e_pass(model, ebatch if len(ebatch) else None, self._pool_weights(ebatch.prompt))
+        self.stats["F"] = torch.cat([F_vec[n].reshape(-1).double().cpu() for n in self.names])
         self.stats["time_grad_s"] += time.perf_counter() - t0
-        return dict(rows=rows, F=F_vec, meta=self._meta(ebatch, batch), texts=self._texts(batch))
+        return dict(ebatch=ebatch, F=F_vec)  # the E rows wait in the capture's rows for the U half
 
-    def _flat_f(self, name: str, f: torch.Tensor, sketch: F.KroneckerSketch | None) -> torch.Tensor:
-        f = f.reshape(1, *f.shape)
-        return (f if sketch is None else sketch.project(name, f)).reshape(-1).double().cpu()
+    def u_half(self, model, e: dict, batch) -> dict:
+        """Still at θ_k, after ``e_half``: the training batch's rows; mode sketch: also each row's
+        ⟨F, ∇S_j⟩ with ``stats["F"]`` (by now summed over the ranks), from the hooks' x and δ.
+        -> everything ``accumulate`` needs."""
+        t0 = time.perf_counter()
+        F_all = self._unflatten(self.stats["F"], model) if self.mode == "sketch" else None
+        dots = self._u_pass(model, batch.tensors, F_all)
+        rows = self._end_rows(len(e["ebatch"]) + len(batch))
+        self.stats["time_grad_s"] += time.perf_counter() - t0
+        return dict(rows=rows, F=e["F"], dots=dots, meta=self._meta(e["ebatch"], batch), texts=self._texts(batch))
+
+    def gradients(self, model, ebatch, batch, step: int) -> dict:
+        """Both halves at one process (offline; nothing to sum over ranks)."""
+        return self.u_half(model, self.e_half(model, ebatch, step), batch)
 
     def accumulate(self, held: dict, D: dict | None, delta: dict, scale: float, step: int) -> None:
         """After the update: this rank's exact block, its sketch (several ranks), ⟨F, Δθ⟩, and
@@ -198,46 +221,81 @@ class FisherProbe(Probe):
         """Per-row ∇S [n_E + n_U, *shape] per parameter (E rows, then U rows) and this rank's
         F = Σ_t w_t ∇f_t as a dict, at the model's current parameters; mode sketch: the rows'
         ``sketch`` [n_E + n_U, columns] (required there)."""
+        self._begin_rows(sketch)
+        F_vec = self._e_pass(model, ebatch, e_weights)
+        self._u_pass(model, u_tokens)
+        return self._end_rows((len(ebatch) if ebatch is not None else 0) + len(u_tokens.prompt_ids)), F_vec
+
+    def _begin_rows(self, sketch: F.KroneckerSketch | None) -> None:
         if (sketch is None) != (self.mode == "exact"):
             raise ValueError(f"probe '{self.name}': mode {self.mode} takes {'no' if self.mode == 'exact' else 'a'} sketch")
-        self._kron = sketch
-        e_tokens = ebatch.tensors if ebatch is not None else None
-        self._rows = {n: [] for n in self.names}
-        params = [p for n, p in model.named_parameters() if p.requires_grad]
-        F_vec = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in zip(self.names, params)}
-        with eval_mode(model), torch.enable_grad():
-            if e_tokens is not None:
-                parts = list(policy.microbatches(e_tokens, self.micro))
-                # The baseline needs every E row of the rank before the surrogate's backward: from a
-                # no-grad pass over them, unless one microbatch holds them all (B_E ≤ microbatch,
-                # the default), whose own forward then gives it.
-                b = self._baseline(model, e_tokens) if len(parts) > 1 else None
-                for rows, mb in parts:
-                    with self._capturing():
-                        terms, stops, mask = self._terms(model, mb)
-                        torch.autograd.grad((terms["lp"] * mask).sum(), params, retain_graph=True, allow_unused=True)
-                    cont, _, _ = DH.stop_split(mb.completion_ids.to(mask.device), mask, *stops)
-                    ls = ebatch.sampler_log_ratios(rows, terms["lp"]) if self.sampler_correction == "per_decision" else None
-                    b_mb = DH.value_baseline(terms["h"].detach().double() * mask, terms["ps"].detach().double() * mask,
-                                             mask) if b is None else b[rows, : mask.shape[1]].to(mask.device)
-                    f = DH.rb_surrogate(terms, cont, mask, b_mb, ls)
-                    w = e_weights[rows].to(f.device, f.dtype)
-                    for n, g in zip(self.names, torch.autograd.grad((w * f).sum(), params, allow_unused=True)):
-                        if g is not None:
-                            F_vec[n] += g.float()
-            for _, mb in policy.microbatches(u_tokens, self.micro):
-                with self._capturing():
-                    logits = policy.completion_logits(model, *mb, self.cfg.rollout.temperature)
-                    lp = policy.token_logprobs(logits, mb.completion_ids)
-                    torch.autograd.grad((lp * mb.completion_mask.to(lp.device)).sum(), params, allow_unused=True)
-        n_rows = (len(e_tokens.prompt_ids) if e_tokens is not None else 0) + len(u_tokens.prompt_ids)
+        self._kron, self._rows = sketch, {n: [] for n in self.names}
+
+    def _end_rows(self, n_rows: int) -> dict[str, torch.Tensor]:
         for n in self.names:
             got = sum(len(r) for r in self._rows[n])
             if got != n_rows:
                 raise RuntimeError(f"captured {got} of {n_rows} per-sequence gradients of {n}")
         rows = {n: torch.cat(self._rows[n]) for n in self.names}
         self._rows, self._kron = {}, None
-        return rows, F_vec
+        return rows
+
+    def _e_pass(self, model, ebatch: EBatch | None, e_weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The E rows into the captured rows; -> F as a dict of float32 tensors."""
+        params = [p for n, p in model.named_parameters() if p.requires_grad]
+        F_vec = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in zip(self.names, params)}
+        if ebatch is None:
+            return F_vec
+        e_tokens = ebatch.tensors
+        with eval_mode(model), torch.enable_grad():
+            parts = list(policy.microbatches(e_tokens, self.micro))
+            # The baseline needs every E row of the rank before the surrogate's backward: from a
+            # no-grad pass over them, unless one microbatch holds them all (B_E ≤ microbatch,
+            # the default), whose own forward then gives it.
+            b = self._baseline(model, e_tokens) if len(parts) > 1 else None
+            for rows, mb in parts:
+                with self._capturing():
+                    terms, stops, mask = self._terms(model, mb)
+                    torch.autograd.grad((terms["lp"] * mask).sum(), params, retain_graph=True, allow_unused=True)
+                cont, _, _ = DH.stop_split(mb.completion_ids.to(mask.device), mask, *stops)
+                ls = ebatch.sampler_log_ratios(rows, terms["lp"]) if self.sampler_correction == "per_decision" else None
+                b_mb = DH.value_baseline(terms["h"].detach().double() * mask, terms["ps"].detach().double() * mask,
+                                         mask) if b is None else b[rows, : mask.shape[1]].to(mask.device)
+                f = DH.rb_surrogate(terms, cont, mask, b_mb, ls)
+                w = e_weights[rows].to(f.device, f.dtype)
+                for n, g in zip(self.names, torch.autograd.grad((w * f).sum(), params, allow_unused=True)):
+                    if g is not None:
+                        F_vec[n] += g.float()
+        return F_vec
+
+    def _u_pass(self, model, u_tokens: policy.TokenBatch, F_all: dict[str, torch.Tensor] | None = None):
+        """The training rows into the captured rows; with ``F_all`` (mode sketch) -> each row's
+        ⟨F_all, ∇S_j⟩ [n_U] float64, contracted in the hooks (the gradient is never formed)."""
+        params = [p for n, p in model.named_parameters() if p.requires_grad]
+        dots = []
+        self._F_all = F_all
+        try:
+            with eval_mode(model), torch.enable_grad():
+                for _, mb in policy.microbatches(u_tokens, self.micro):
+                    self._dots = torch.zeros(len(mb.prompt_ids), dtype=torch.float64, device=params[0].device)
+                    with self._capturing():
+                        logits = policy.completion_logits(model, *mb, self.cfg.rollout.temperature)
+                        lp = policy.token_logprobs(logits, mb.completion_ids)
+                        torch.autograd.grad((lp * mb.completion_mask.to(lp.device)).sum(), params, allow_unused=True)
+                    dots.append(self._dots.cpu())
+        finally:
+            self._F_all = None
+        return torch.cat(dots) if F_all is not None else None
+
+    def _unflatten(self, flat: torch.Tensor, model) -> dict[str, torch.Tensor]:
+        """``stats["F"]`` as float32 tensors shaped and placed like the parameters."""
+        params = dict(model.named_parameters())
+        out, start = {}, 0
+        for n in self.names:
+            p = params[n]
+            out[n] = flat[start:start + p.numel()].to(p.device, torch.float32).view_as(p)
+            start += p.numel()
+        return out
 
     def _terms(self, model, mb: policy.TokenBatch):
         """Per-token h, ℓ, P_S (differentiable), the stop sets and the mask of a microbatch; in
@@ -276,10 +334,15 @@ class FisherProbe(Probe):
         self._rows[name].append(rows.float())
 
     def _on_tokens(self, attrs: dict[str, str], x: torch.Tensor, delta: torch.Tensor) -> None:
-        """Mode sketch: each row's gradient sketched from the hook's x and δ, never formed."""
+        """Mode sketch: each row's gradient sketched from the hook's x and δ, never formed; with
+        F at hand, also ⟨F, Σ_t δ_t x_tᵀ⟩ = Σ_t δ_t·(F x_t) per row (and ⟨F_b, Σ_t δ_t⟩)."""
         for attr, name in attrs.items():
             s = self._kron.project_tokens(name, x, delta) if attr == "weight" else self._kron.project(name, delta.sum(1))
             self._rows[name].append(s)
+            if self._F_all is not None:
+                f = self._F_all[name]
+                dot = ((x.float() @ f.T) * delta.float()).sum((1, 2)) if attr == "weight" else delta.float().sum(1) @ f
+                self._dots += dot.double()
 
     def _pool_weights(self, prompt: torch.Tensor) -> torch.Tensor:
         """w_t = 1/(n·k_p): the weights of the δH pool mean (whole prompts sit on one rank)."""
@@ -310,14 +373,17 @@ class FisherProbe(Probe):
 
     def contributions(self, held: dict, D: dict | None, scale: float) -> torch.Tensor:
         """c_j = scale·A_j·⟨F, D∇S_j⟩ [n_U] float64 of this rank's training sequences, with F the
-        sum over every rank's E rows (exact at any number of ranks: F itself crossed them, not
-        sketches of it); mode sketch: the inner product of their Kronecker sketches."""
+        sum over every rank's E rows: exact at any number of ranks and in either mode (F itself
+        meets the rows, not a sketch of it; mode sketch contracted it in the hooks)."""
         meta = held["meta"]
         U = (meta[:, 1] == U_ROW).nonzero().flatten()
+        if held["dots"] is not None:
+            return scale * meta[U, 4] * held["dots"]
         dots = torch.zeros(len(U), 1, dtype=torch.float64)
         start = 0
-        for name, size in zip(self.names, self._sizes):
+        for name in self.names:
             rows = held["rows"][name][U.to(held["rows"][name].device)]
+            size = math.prod(rows.shape[1:])
             f = self.stats["F"][start:start + size].to(rows.device).reshape(1, *rows.shape[1:])
             start += size
             dots += F.gram(rows, f, weight=None if D is None else D[name]).cpu()

@@ -4,8 +4,8 @@ Reduction: every sum-stat of every due probe and of the trainer's own metrics (a
 passed to ``reduce``), plus one failure flag for EVERY probe (due or not), is packed into one
 flat float64 buffer and all-reduced ONCE per step; max- and min-stats take one more collective
 each, cat-stats one all_gather_object. At world_size 1 nothing is communicated. Exchange-stats
-(a sum a probe needs before the update's after-hook) take one all_reduce of their own, right
-after ``on_before_optimizer_step`` of PPO epoch 0, and only at steps where a due probe declares one.
+(a sum a probe needs before the update) take one all_reduce of their own, right after the last
+microbatch's ``on_after_backward`` of PPO epoch 0, and only at steps where a due probe declares one.
 
 Failures on one rank only must not make the ranks disagree on what they send, or a collective
 hangs or mixes up buffers. So the layout depends only on state every rank shares (the step and
@@ -31,7 +31,7 @@ import traceback
 
 import torch
 
-from probes.base import Probe, SetupContext, StepContext
+from probes.base import Probe, SetupContext, StepContext, is_last_microbatch
 from probes.stats import StatSet
 from rl_training.errors import ConfigError, import_dotted
 
@@ -143,24 +143,25 @@ class ProbeManager:
 
     def on_after_backward(self, ctx: StepContext) -> None:
         self._call("on_after_backward", ctx)
+        if ctx.epoch == 0 and is_last_microbatch(ctx):
+            self._exchange(ctx.world)
 
     def on_before_optimizer_step(self, ctx: StepContext) -> None:
         self._call("on_before_optimizer_step", ctx)
-        self._exchange(ctx)
 
     def on_after_optimizer_step(self, ctx: StepContext) -> None:
         self._call("on_after_optimizer_step", ctx)
 
     # -- reduction ---------------------------------------------------------------------
-    def _exchange(self, ctx: StepContext) -> None:
-        """Sum the due probes' exchange-stats over the ranks (PPO epoch 0), in fixed slots as in
-        ``reduce``: a probe that failed on some rank sends zeros there and is disabled at the
-        reduce, so what the others computed from the sum is never logged."""
+    def _exchange(self, world) -> None:
+        """Sum the due probes' exchange-stats over the ranks, in fixed slots as in ``reduce``: a
+        probe that failed on some rank sends zeros there and is disabled at the reduce, so what
+        the others computed from the sum is never logged."""
         due = [p for p in self._due if p.statset.names("exchange")]
-        if not due or ctx.epoch > 0:
+        if not due:
             return
         slots = [self._pack_slot(p, "exchange") for p in due]
-        flat = ctx.world.all_reduce_sum(torch.cat(slots))
+        flat = world.all_reduce_sum(torch.cat(slots))
         start = 0
         for p, slot in zip(due, slots):
             if p.name not in self._failed:

@@ -5,9 +5,9 @@ Its declaration fixes the size of every slot, so what a rank sends depends only 
 declaration, never on what happened on that rank: the packing of every participant is
 concatenated into one buffer per reduction (probes/manager.py) and reduced at once.
 
-``exchange`` is a sum taken earlier: right after ``on_before_optimizer_step`` of the step's
-first PPO epoch, for a quantity a probe needs summed over every rank before the update's
-after-hook (the Fisher probe's E-side vector F, so that each rank's training sequences meet the
+``exchange`` is a sum taken earlier: right after the last microbatch's ``on_after_backward``
+of the step's first PPO epoch, for a quantity a probe needs summed over every rank before the
+update (the Fisher probe's E-side vector F, so that each rank's training sequences meet the
 whole F exactly). Every other reduction happens once, after the step.
 """
 

@@ -8,9 +8,9 @@
       for i, mb in enumerate(microbatches(rollout)):      # grad_accum = buffer / (world × micro)
           probes.on_before_microbatch(ctx)        # captures attach (per-sequence gradients)
           with no_sync unless last: loss(mb).backward()
-          probes.on_after_backward(ctx)           # local, per-microbatch gradients (GNS small batch)
-      probes.on_before_optimizer_step(ctx)        # synced gradient (GNS big batch); epoch 0: exchange-stats
-                                                  # summed over the ranks (Fisher's F, at its due steps)
+          probes.on_after_backward(ctx)           # local, per-microbatch gradients (GNS small batch); after
+                                                  # the last of epoch 0: exchange-stats summed over the ranks
+      probes.on_before_optimizer_step(ctx)        # synced gradient (GNS big batch)
       if epoch == 0: snapshot θ_k                 # once per step, only if a due probe asks
       clip; optimizer.step()
       probes.on_after_optimizer_step(ctx)         # Δθ = θ_now − θ_k (exact, any optimizer)

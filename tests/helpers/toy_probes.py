@@ -100,8 +100,8 @@ class SnapshotProbe(Probe):
 
 
 class ExchangeProbe(Probe):
-    """Sends rank + 1 (three times) in an exchange-stat before the update and logs the sum it
-    saw after it; option ``fail_rank``: raises in the before-hook on that rank."""
+    """Sends rank + 1 (three times) in an exchange-stat after the last backward and logs the sum
+    it saw after the update; option ``fail_rank``: raises in the backward hook on that rank."""
 
     kind = "test_exchange"
 
@@ -111,7 +111,7 @@ class ExchangeProbe(Probe):
         self.add_stat("v", torch.zeros(3), reduce="exchange")
         self.add_stat("seen")
 
-    def on_before_optimizer_step(self, ctx):
+    def on_after_backward(self, ctx):
         if self.rank == self.fail_rank:
             raise RuntimeError("boom")
         self.stats["v"] = torch.full((3,), self.rank + 1.0)

@@ -189,6 +189,23 @@ def test_sketch_mode_rows_are_sketches_of_the_exact_gradients_and_entries_have_t
     assert 0.75 < float(z2.mean()) < 1.3, float(z2.mean())
 
 
+def test_sketch_mode_contributions_equal_the_exact_modes():
+    """mode sketch never forms a sequence's gradient, but its hooks contract F with the
+    sequence's x_t and δ_t: the same c_j, row by row, as mode exact on the same step (D off in
+    both; their E rows' sketches do not enter)."""
+    runs = []
+    for mode in ("exact", "sketch"):
+        s = _session("probes.probes=[{name: fk, kind: fisher, options: {batch_size: 8, microbatch_size: 3, "
+                     f"mode: {mode}, preconditioner: none}}}}]")
+        out = s.trainer.train_step().metrics
+        runs.append((out, s.trainer.probes.probes[0].results()["contrib"]))
+    (exact, c_exact), (sketch, c_sketch) = runs
+    assert sketch["probe/fk/exact_frac"] == 0.0 and exact["probe/fk/exact_frac"] == 1.0
+    assert len(c_exact) == 8 and float(c_exact.abs().min()) > 0
+    torch.testing.assert_close(c_sketch, c_exact, rtol=1e-5, atol=1e-6 * float(c_exact.abs().max()))
+    assert sketch["probe/fk/contrib_ratio"] == pytest.approx(exact["probe/fk/contrib_ratio"], rel=1e-5)
+
+
 def test_sketch_mode_in_the_loop_and_its_refusal_of_adams_preconditioner():
     from rl_training.errors import ConfigError
 

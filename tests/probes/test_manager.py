@@ -169,7 +169,8 @@ def run_ranks(make_probes, steps, world_size=2):
             outs = []
             for step in steps:
                 m.begin_step(step)
-                ctx = SimpleNamespace(step=step, epoch=0, world=world)
+                ctx = SimpleNamespace(step=step, epoch=0, world=world, microbatch_index=0, num_microbatches=1)
+                m.on_after_backward(ctx)
                 m.on_before_optimizer_step(ctx)
                 m.on_after_optimizer_step(ctx)
                 outs.append(m.reduce(world))
@@ -230,7 +231,7 @@ def test_exchange_stats_are_summed_over_the_ranks_before_the_update():
         assert outs[1]["probe/x/seen"] == 2 * 9.0  # each rank saw (1 + 2)·3 after the update
 
 
-def test_exchange_takes_one_collective_at_due_steps_of_ppo_epoch_0_only():
+def test_exchange_takes_one_collective_after_the_last_backward_of_ppo_epoch_0_at_due_steps():
     from types import SimpleNamespace
 
     from tests.helpers.toy_probes import ExchangeProbe
@@ -242,8 +243,10 @@ def test_exchange_takes_one_collective_at_due_steps_of_ppo_epoch_0_only():
         world.calls["sum"] = 0
         m.begin_step(step)
         for epoch in (0, 1):
-            m.on_before_optimizer_step(SimpleNamespace(step=step, epoch=epoch, world=world))
-        assert world.calls["sum"] == exchanges, step
+            for i in range(3):
+                m.on_after_backward(SimpleNamespace(step=step, epoch=epoch, world=world, microbatch_index=i,
+                                                    num_microbatches=3))
+                assert world.calls["sum"] == (exchanges if (epoch, i) >= (0, 2) else 0), (step, epoch, i)
         m.reduce(world)
 
 
