@@ -4,7 +4,8 @@ On one rollout batch of the demo (SmolLM2 + LoRA, 16 sequences), alternating in 
   plain  — one forward+backward of Σ_i log π(y_i) over the batch (the probe's microbatches);
   kernel — the same pass with the capture hooks, then the Gram matrix (probes/fisher.py);
   sketch — the same pass in the probe's mode sketch: each sequence's gradient Kronecker-sketched
-           in the hooks (16 × 16 per weight), never formed; then S Sᵀ;
+           in the hooks (16 × 16 per weight), never formed, and contracted with an F there (the
+           exact c_j); then S Sᵀ;
   loop   — one forward+backward per sequence, then G Gᵀ (the brute force the tests compare to).
 Prints kernel/plain, sketch/plain and loop/kernel (medians), checks that kernel and loop agree,
 and the sketch's errors in units of their stated SD (mean z², ≈ 1); writes JSON.
@@ -49,8 +50,8 @@ def plain(model, params, tokens, micro, T):
         torch.autograd.grad((lp * mb.completion_mask).sum(), params)
 
 
-def kernel(probe, model, tokens, keep: dict | None = None, sketch=None):
-    rows, _ = probe.sequence_gradients(model, None, tokens, torch.zeros(0), sketch)
+def kernel(probe, model, tokens, keep: dict | None = None, sketch=None, F_all=None):
+    rows, _, _ = probe.sequence_gradients(model, None, tokens, torch.zeros(0), sketch, F_all)
     if keep is not None:
         keep.update(rows)
     return probe.kernel(rows, None, step=1)[0]
@@ -101,9 +102,11 @@ def main() -> None:
         for p in params:
             p.add_(1e-3 * torch.randn_like(p))
     exact_rows: dict = {}
+    F_all = {n: torch.randn_like(p) for n, p in model.named_parameters() if p.requires_grad}  # the c_j's contraction
     runs = {"plain": lambda: plain(model, params, tokens, probe.micro, T),
             "kernel": lambda: kernel(probe, model, tokens, keep=exact_rows),
-            "sketch": lambda: kernel(sketch, model, tokens, sketch=kron), "loop": lambda: loop(model, params, tokens, T)}
+            "sketch": lambda: kernel(sketch, model, tokens, sketch=kron, F_all=F_all),
+            "loop": lambda: loop(model, params, tokens, T)}
     times = {k: [] for k in runs}
     results = {}
     order = list(runs)

@@ -217,14 +217,15 @@ class FisherProbe(Probe):
 
     # -------------------------------------------------------------------------- gradients
     def sequence_gradients(self, model, ebatch: EBatch | None, u_tokens: policy.TokenBatch, e_weights: torch.Tensor,
-                           sketch: F.KroneckerSketch | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Per-row ∇S [n_E + n_U, *shape] per parameter (E rows, then U rows) and this rank's
-        F = Σ_t w_t ∇f_t as a dict, at the model's current parameters; mode sketch: the rows'
-        ``sketch`` [n_E + n_U, columns] (required there)."""
+                           sketch: F.KroneckerSketch | None = None, F_all: dict[str, torch.Tensor] | None = None):
+        """Both passes at one process: per-row ∇S [n_E + n_U, *shape] per parameter (E rows, then
+        U rows), this rank's F = Σ_t w_t ∇f_t as a dict, and the U rows' ⟨F_all, ∇S_j⟩ from the
+        hooks (mode sketch, given ``F_all``; else None), at the model's current parameters; mode
+        sketch: the rows' ``sketch`` [n_E + n_U, columns] (required there)."""
         self._begin_rows(sketch)
         F_vec = self._e_pass(model, ebatch, e_weights)
-        self._u_pass(model, u_tokens)
-        return self._end_rows((len(ebatch) if ebatch is not None else 0) + len(u_tokens.prompt_ids)), F_vec
+        dots = self._u_pass(model, u_tokens, F_all)
+        return self._end_rows((len(ebatch) if ebatch is not None else 0) + len(u_tokens.prompt_ids)), F_vec, dots
 
     def _begin_rows(self, sketch: F.KroneckerSketch | None) -> None:
         if (sketch is None) != (self.mode == "exact"):

@@ -81,7 +81,7 @@ def test_exact_kernel_equals_a_loop_of_per_sequence_backwards(precondition):
         D = FF.adam_preconditioner(tr.optimizer, dict(probe_named(model)))
         assert D is not None
     tokens = _padded_batch(tr.tokenizer.eos_token_id, len(tr.tokenizer))
-    rows, _ = probe.sequence_gradients(model, None, tokens, torch.zeros(0))
+    rows, _, _ = probe.sequence_gradients(model, None, tokens, torch.zeros(0))
     local, sketch = probe.kernel(rows, D, step=1)
     assert sketch is None, "one rank: nothing is sketched"
     G = _brute_force_rows(model, tokens, s.cfg.rollout.temperature)
@@ -163,23 +163,29 @@ def _perturbed(*overrides):
 def test_sketch_mode_rows_are_sketches_of_the_exact_gradients_and_entries_have_the_stated_variance():
     """mode sketch (Qwen scale: the exact rows would not fit): each sequence's gradient is sketched
     in the hook from x and δ, and equals the Kronecker sketch of the exact mode's per-sequence
-    gradient; over 24 sketch seeds the kernel's errors have mean square 1 in units of the stated
-    variance Σ_param kronecker_variance."""
+    gradient, and the hooks' contraction with a vector F is ⟨F, ∇S_j⟩ of the exact gradient; over
+    the sketch seeds the kernel's errors have mean square 1 in units of the stated variance
+    Σ_param kronecker_variance."""
     ex, sk = _perturbed(FISHER_ONLY), _perturbed(SKETCH_ONLY)
     pe, ps = ex.trainer.probes.probes[0], sk.trainer.probes.probes[0]
     tokens = _padded_batch(ex.trainer.tokenizer.eos_token_id, len(ex.trainer.tokenizer))
-    rows, _ = pe.sequence_gradients(ex.trainer.policy, None, tokens, torch.zeros(0))
+    rows, _, _ = pe.sequence_gradients(ex.trainer.policy, None, tokens, torch.zeros(0))
     K, _ = pe.kernel(rows, None, step=1)
     n = 7
     var = FF.kronecker_variance_matrix(rows, 4, 3, n)
     z2 = []
+    gen = torch.Generator().manual_seed(5)
+    F_all = {name: torch.randn(rows[name].shape[1:], generator=gen) for name in pe.names}
     for seed in range(SEEDS):
         sketch = FF.KroneckerSketch(seed, 4, 3)
-        sketched, _ = ps.sequence_gradients(sk.trainer.policy, None, tokens, torch.zeros(0), sketch)
+        sketched, _, dots = ps.sequence_gradients(sk.trainer.policy, None, tokens, torch.zeros(0), sketch,
+                                                  F_all if seed == 0 else None)
         if seed == 0:
             for name in pe.names:
                 want = sketch.project(name, rows[name][:n])
                 torch.testing.assert_close(sketched[name][:n], want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+            want = sum(rows[name][:n].double().reshape(n, -1) @ F_all[name].double().reshape(-1) for name in pe.names)
+            torch.testing.assert_close(dots, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
         Ks, _ = ps.kernel(sketched, None, step=1)
         iu = torch.triu_indices(n, n)
         z2.append(((Ks[:n, :n] - K[:n, :n]) ** 2 / var)[iu[0], iu[1]])
