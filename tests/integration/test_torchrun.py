@@ -178,9 +178,14 @@ def test_fisher_exact_blocks_equal_one_process_and_sketched_ones_hold_their_vari
 def test_fisher_sketch_mode_at_two_ranks_is_the_one_process_sketch(tmp_path):
     """mode sketch: a sequence's sketch depends on its gradient and the step's seed only, so two
     ranks assemble the kernel one process does (fp32 rounding of differently batched passes),
-    every entry marked sketched."""
+    every entry marked sketched. The c_j meet F summed over both ranks: they differ from one
+    process's only through the per-rank E baseline (0.9 % in Σ_j c_j here; each rank's own F
+    alone gives 50 % of it)."""
     fisher = ("probes.probes=[{name: fisher, kind: fisher, options: {batch_size: 8, preconditioner: none,"
               " mode: sketch, sketch_factors: [4, 4]}}]", "train.total_steps=1")
-    for block, K1, z1, z2 in _fisher_blocks_two_ranks_and_one(tmp_path, fisher):
+    logs = []
+    for block, K1, z1, z2 in _fisher_blocks_two_ranks_and_one(tmp_path, fisher, logs):
         assert not z1[f"exact_{block}"].any() and not z2[f"exact_{block}"].any()
         assert np.abs(z2[f"K_{block}"] - K1).max() <= 1e-4 * np.abs(K1).max(), block
+    two, one = logs
+    assert two["probe/fisher/contrib_sum"] == pytest.approx(one["probe/fisher/contrib_sum"], rel=0.1)
