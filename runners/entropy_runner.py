@@ -206,7 +206,7 @@ def run_sanity_check(exp, args, out: Path) -> dict:
 
 
 def run_fisher(exp, args, out: Path) -> dict:
-    from probes.fisher import write_results
+    from probes.fisher_files import write_results
 
     lr = args.lr or exp.cfg.train.lr
     probe = exp.fisher_probe(args.be, args.preconditioner)
