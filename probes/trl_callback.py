@@ -7,25 +7,30 @@
     trainer.train()          # logs probe/<name>/<key> next to TRL's own metrics
 
 The probes run unchanged, with the hooks of our trainer (``rl_training/trainer.py``) fired at
-the same moments of TRL's step. transformers callbacks give only the optimizer step, so three
+the same moments of TRL's step. transformers callbacks give only the optimizer step, so five
 methods of the trainer instance are wrapped, each calling the original:
 
 | wrapped | why | fires |
 |---|---|---|
 | ``_generate_and_score_completions`` | TRL shuffles the generation batch before splitting it into microbatches: a group id must travel with the rows (GNS) | nothing; adds ``GROUP_KEY`` |
 | ``compute_loss`` | the microbatch and its forward (captures attach before it) | ``on_before_microbatch``; the first microbatch of a step begins it |
+| ``_get_per_token_logps_and_entropies`` | TRL's per-token log-probs of the microbatch, from its forward | nothing; keeps them for ``on_after_backward`` (``token_logp``) |
 | ``training_step`` | the backward is inside it; after the window's last one the gradient is synced and not yet clipped | ``on_after_backward``; ``on_before_optimizer_step`` and θ_k's snapshot after the last microbatch |
+| ``_load_optimizer_and_scheduler`` | called with the checkpoint's folder when a run resumes (callbacks are not told it) | nothing; loads the probes' state saved there |
 
 and the callback's ``on_optimizer_step`` (after ``optimizer.step``, before ``zero_grad``) fires
 ``on_after_optimizer_step``, reduces the stats across ranks (our ``ProbeManager``, on the process
 group accelerate set up) and hands the values to TRL's metric buffer, so they are logged, averaged
-over ``logging_steps`` like TRL's own, to its loggers (TensorBoard, ``state.log_history``).
+over ``logging_steps`` like TRL's own, to its loggers (TensorBoard, ``state.log_history``). Its
+``on_save`` writes the probes' state (GNS EMAs, disabled probes) into each checkpoint folder
+(``probe_state.pt``, rank 0), and a run resumed from that checkpoint continues it.
 
 What carries over, and the limits, probe by probe:
 - all: one optimizer step per generation batch (``num_iterations`` = 1 and ``steps_per_generation``
   = ``gradient_accumulation_steps``, TRL's defaults); refused otherwise. Δθ is read from the
-  parameters, so TRL's optimizer, schedule and clipping are included exactly. Probe state
-  (GNS EMAs) is not in TRL's checkpoints: a resumed TRL run restarts the EMAs. Several
+  parameters, so TRL's optimizer, schedule and clipping are included exactly. A checkpoint
+  without ``probe_state.pt`` (from a run without this callback) resumes with fresh probe state,
+  and says so in a warning. Several
   processes reduce over accelerate's process group through ``DistInfo`` (tested: two processes
   log what one does on the same generation batch).
 - ``delta_h``, ``fisher``: the E-batch comes from ``eval_prompts`` (prompt texts as TRL's
@@ -53,6 +58,7 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from probes.base import SetupContext, StepContext
 from probes.ebatch import EBatchSource
@@ -65,6 +71,7 @@ from rl_training.rollout import RolloutBatch, RolloutStats
 log = logging.getLogger(__name__)
 
 GROUP_KEY = "probe_group_index"  # added to TRL's batch dict: the prompt group of each row
+STATE_FILE = "probe_state.pt"  # the probes' state, in each of TRL's checkpoint folders
 
 
 class ProbeCallback(TrainerCallback):
@@ -122,6 +129,7 @@ class ProbeCallback(TrainerCallback):
     def _wrap(self, trainer) -> None:
         generate, compute_loss, training_step = (trainer._generate_and_score_completions, trainer.compute_loss,
                                                  trainer.training_step)
+        load_optimizer = trainer._load_optimizer_and_scheduler
         logps = trainer._get_per_token_logps_and_entropies
 
         def generate_with_groups(inputs):
@@ -148,7 +156,14 @@ class ProbeCallback(TrainerCallback):
                 self._logp = result[0].detach()
             return result
 
+        def load_optimizer_and_probes(checkpoint, *a, **kw):
+            out = load_optimizer(checkpoint, *a, **kw)
+            if checkpoint is not None:
+                self._load_state(Path(checkpoint))
+            return out
+
         trainer._generate_and_score_completions = generate_with_groups
+        trainer._load_optimizer_and_scheduler = load_optimizer_and_probes
         trainer.compute_loss = compute_loss_probed
         trainer.training_step = training_step_probed
         trainer._get_per_token_logps_and_entropies = logps_kept
@@ -177,6 +192,23 @@ class ProbeCallback(TrainerCallback):
             self.probes.on_before_optimizer_step(self._ctx)
             trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
             self._snapshot = self.probes.param_snapshot(trainable)
+
+    # ------------------------------------------------------------------------- checkpoints
+    def on_save(self, args, state, control, **kwargs):
+        """After TRL wrote checkpoint-<step>: the probes' state next to it (the same on every rank)."""
+        if not self.world.is_main:
+            return
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        tmp = folder / f"{STATE_FILE}.tmp"
+        torch.save(self.probes.state_dict(), tmp)
+        tmp.replace(folder / STATE_FILE)  # a checkpoint never holds half a state file
+
+    def _load_state(self, checkpoint: Path) -> None:
+        path = checkpoint / STATE_FILE
+        if not path.is_file():
+            log.warning("ProbeCallback: %s has no %s; the probes start afresh (GNS EMAs restart)", checkpoint, STATE_FILE)
+            return
+        self.probes.load_state_dict(torch.load(path, weights_only=True))
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self._ctx is None:

@@ -24,7 +24,7 @@ datasets = pytest.importorskip("datasets")
 from probes.trl_callback import ProbeCallback  # noqa: E402
 from rl_training.errors import ConfigError  # noqa: E402
 from tests.helpers.runs import REPO, free_port, run_cmd  # noqa: E402
-from tests.helpers.trl_grpo import EVAL, G, PROBES, make_trainer, train_keyed  # noqa: E402
+from tests.helpers.trl_grpo import EVAL, G, PROBES, TRAIN, make_trainer, train_keyed  # noqa: E402
 
 ROWS, ACCUM = 4, 2  # 8 rows = 2 groups per step
 
@@ -79,6 +79,32 @@ def test_refuses_what_it_cannot_probe(tmp_path):
         ProbeCallback(make_trainer(tmp_path / "trl", num_iterations=2), PROBES, eval_prompts=EVAL)
     with pytest.raises(ConfigError, match="unknown probe kind"):
         ProbeCallback(make_trainer(tmp_path / "trl"), [{"name": "x", "kind": "nope"}], eval_prompts=EVAL)
+
+
+def test_a_resumed_run_continues_the_probes_state(tmp_path, monkeypatch, caplog):
+    """TRL's checkpoints carry the probes' state (``on_save``), and a run resumed from one goes on
+    with it: at step 3 the GNS EMAs equal the uninterrupted run's (keyed completions: both runs
+    train on the same data). Restarted EMAs would equal step 3's raw values instead."""
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+
+    def run(out, resume=None):
+        trainer = make_trainer(out, rows=ROWS, accum=ACCUM, keyed=True, train=TRAIN, max_steps=3,
+                               save_strategy="steps", save_steps=1)
+        ProbeCallback(trainer, [{"name": "gns", "kind": "gns"}], strict=True)
+        trainer.train(resume_from_checkpoint=resume)
+        return [row for row in trainer.state.log_history if "probe/gns/g2" in row][-1]
+
+    whole = run(tmp_path / "whole")
+    checkpoint = tmp_path / "whole" / "checkpoint-2"
+    assert (checkpoint / "probe_state.pt").is_file() and not list(checkpoint.glob("*.tmp"))
+    resumed = run(tmp_path / "resumed", resume=str(checkpoint))
+    assert whole["step"] == resumed["step"] == 3
+    assert whole["probe/gns/trS_ema"] != pytest.approx(whole["probe/gns/trS"], rel=1e-3), "the EMA has history"
+    for key in ("trS_ema", "g2_ema", "g2_ema_se", "s_w_ema"):
+        assert resumed[f"probe/gns/{key}"] == pytest.approx(whole[f"probe/gns/{key}"], rel=1e-5), key
+    (tmp_path / "whole" / "checkpoint-1" / "probe_state.pt").unlink()  # as from a run without the callback
+    run(tmp_path / "fresh", resume=str(tmp_path / "whole" / "checkpoint-1"))
+    assert "has no probe_state.pt; the probes start afresh" in caplog.text
 
 
 SNIS = ("/true", "/true_se", "/true_df", "/true_tok", "/ratio", "/cov_pred")  # amplify θ_{k+1}'s fp32 rounding
