@@ -154,6 +154,8 @@ def steps(trainers: dict, n: int, deadline: float = float("inf")) -> dict:
                      "logp_mismatch_max": max(r["rollout/logp_mismatch_max"] for r in rs),
                      "probe_time_s": {k: statistics.median(r[k] for r in rs) for k in rs[0]
                                       if k.startswith("probe/") and "/time" in k}}  # capture time too (inside the backward)
+        if "probe/delta_h/theta_k_own_forward" in rs[0]:
+            out[name]["theta_k_own_forward"] = max(r["probe/delta_h/theta_k_own_forward"] for r in rs)
     bare = out["bare"]["s_median"]
     for name, row in out.items():
         row["overhead_of_bare_step"] = (row["s_median"] - bare) / bare
@@ -240,6 +242,9 @@ def table(r: dict) -> str:
     for name in ("delta_h", "gns_ess"):
         if name in s:
             lines.append(f"| {name} probe(s), extra / bare step | {s[name]['overhead_of_bare_step']:+.3f} |")
+    if "delta_h" in s:
+        own = s["delta_h"]["theta_k_own_forward"]
+        lines.append(f"| δH: θ_k's values from the forward-mode pass | {'no: a forward of its own' if own else 'yes'} |")
     if c := s.get("compiled"):
         lines.append(f"| our step, no probes, compiled decode | {c['s_median']:.2f} s ({c['overhead_of_bare_step']:+.3f}), "
                      f"rollout {c['rollout_s_median']:.2f} s, {c['completion_tokens_per_s']:.0f} tok/s |")

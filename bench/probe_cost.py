@@ -3,7 +3,7 @@
 Two trainers on the same config (SmolLM2 demo, group filtering off so that every step does
 the same work), one without probes and one with the chosen probes every step, alternate steps
 in one process; the median step time of each is compared. For ``delta_h`` it also prints the
-breakdown (E-batch generation, the two forwards at θ_k and θ_{k+1}, the forward-mode pass);
+breakdown (E-batch generation, the forward at θ_{k+1}, the forward-mode pass at θ_k);
 writes JSON.
 
     python bench/probe_cost.py --steps 3 --be 8 --out bench/results/probe_cost.json

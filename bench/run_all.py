@@ -114,7 +114,9 @@ def main() -> None:
     previous = REPO / "bench" / "results.json"
     if previous.is_file():  # a partial or table-only run keeps the other benches' run times
         seconds = {**json.loads(previous.read_text()).get("seconds", {}), **seconds}
-    info = {**machine(), "date": time.strftime("%Y-%m-%d")}
+    # the days the figures were measured on (a partial run mixes its figures with older ones)
+    days = sorted({time.strftime("%Y-%m-%d", time.localtime((RESULTS / f"{n}.json").stat().st_mtime)) for n in results})
+    info = {**machine(), "date": " to ".join(dict.fromkeys([days[0], days[-1]])) if days else ""}
     text = table(results, info)
     (REPO / "bench" / "results.json").write_text(json.dumps(
         {"machine": info, "seconds": seconds, "rows": rows(results), "results": results}, indent=1, default=str))

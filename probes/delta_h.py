@@ -4,9 +4,9 @@ At a due step, before the update, an E-batch is sampled from π_θk: n prompts o
 pool drawn without replacement (keyed by (seed, step), independent of the training batch and
 of the number of ranks), k completions each, unfiltered. After the real optimizer step, with
 Δθ = θ_{k+1} − θ_k taken from the parameters (Adam moments, bias correction, weight decay and
-clipping included), three evaluations of the E-batch in the probe's precision
-(``probes/evaluation.py``): per-token h, log π(y_t) and the stopping probability P_S at θ_k and
-at θ_{k+1}, and their derivatives along Δθ (one forward-mode pass). From these
+clipping included), two passes over the E-batch in the probe's precision
+(``probes/evaluation.py``): per-token h, log π(y_t) and the stopping probability P_S at θ_k with
+their derivatives along Δθ (one forward-mode pass), and the same at θ_{k+1} (one forward). From these
 (``probes/functional/delta_h.py``, where the estimators are derived):
 
 - δH₁ = ⟨∇H(θ_k), Δθ⟩, stop-aware Rao–Blackwellised;
@@ -43,7 +43,8 @@ the sampler's policy, which the weights' ESS says how far off).
 | `stops_multi` | completions that ended with a multi-token stop string (decision seen only at its last token) |
 | `logp_gap_tok` | mean per-token |log π in the probe's precision − log π in the model's| (0 when they are the same) |
 | `sampler_gap_tok`, `sampler_ess_frac` | how far the policy that sampled the E-batch (bf16, LoRA-merged or compiled decode) is from the evaluated π_θk: mean per-token |log π_θk − log π_sampler|, and Kish ESS / B_E of the sequence weights π_θk(y)/π_sampler(y) (1: the two are the same; ``sampler_correction`` per_decision weights each decision by its ratio) |
-| `time_gen_s`, `time_fwd_s`, `time_jvp_s` | cost: E-batch generation, the two forwards, the derivative pass (slowest rank) |
+| `theta_k_own_forward` | 0: the values at θ_k came from the derivative pass (bit for bit a plain forward's, checked once per run); 1: on this device they differ, so θ_k gets a forward of its own (on any rank) |
+| `time_gen_s`, `time_fwd_s`, `time_jvp_s` | cost: E-batch generation, the forward at θ_{k+1}, the derivative pass, which also gives the values at θ_k (slowest rank) |
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ class DeltaHProbe(Probe):
             self.add_stat(k)
         for part in ("gen", "fwd", "jvp"):  # cost breakdown, slowest rank
             self.add_stat(f"time_{part}_s", reduce="max")
+        self.add_stat("theta_k_own_forward", reduce="max")
         self.lr = float("nan")
 
     def spec_at(self, batch_size: int) -> EBatchSpec:
@@ -154,17 +156,18 @@ class DeltaHProbe(Probe):
             extra, extra_mask = self.stop_rule.stop_sets(tensors.completion_ids, tensors.completion_mask)
             stops = (always, extra, extra_mask)
             t0 = time.perf_counter()
-            if cache is not None and i in cache:
-                old = cache[i]
-            else:
-                old = ev.terms(tensors, stops, theta)
-                if cache is not None:
-                    cache[i] = old
-            new = ev.terms(tensors, stops, theta_new)
+            old, d = (cache or {}).get(i), None
+            if delta is not None:
+                values, d = ev.terms_jvp(tensors, stops, theta, delta)  # θ_k's values come with the derivatives
+                old = values if old is None else old
             t1 = time.perf_counter()
-            d = ev.terms_jvp(tensors, stops, theta, delta) if delta is not None else None
-            timer["time_fwd_s"] = timer.get("time_fwd_s", 0.0) + t1 - t0
-            timer["time_jvp_s"] = timer.get("time_jvp_s", 0.0) + time.perf_counter() - t1
+            if old is None:
+                old = ev.terms(tensors, stops, theta)
+            if cache is not None:
+                cache[i] = old
+            new = ev.terms(tensors, stops, theta_new)
+            timer["time_jvp_s"] = timer.get("time_jvp_s", 0.0) + t1 - t0
+            timer["time_fwd_s"] = timer.get("time_fwd_s", 0.0) + time.perf_counter() - t1
             if ev.dtype != next(p.dtype for p in model.parameters() if not p.requires_grad):
                 gap, count = self._precision_gap(model, tensors, stops, theta_new, new["lp"])
                 timer["gap_sum"], timer["gap_n"] = timer.get("gap_sum", 0.0) + gap, timer.get("gap_n", 0.0) + count
@@ -210,11 +213,13 @@ class DeltaHProbe(Probe):
         for table, rows in self.tables(model, theta, ebatch, theta_new=theta_new, delta=delta, timer=self.stats):
             self.stats["tables"].append(table)
             self.stats["rows"].append(rows)
+        self.stats["theta_k_own_forward"] = float(self.evaluator(model).primal_is_plain is False)
 
     # -------------------------------------------------------------------------- results
     def compute(self) -> dict[str, float]:
         s = self.stats
         out = {f"time_{p}_s": s[f"time_{p}_s"] for p in ("gen", "fwd", "jvp")}
+        out["theta_k_own_forward"] = s["theta_k_own_forward"]
         out.update(self.estimates(s["tables"], s["rows"]))
         out["cov_pred"] = F.cov_prediction(self.lr, s["tok_n"], s["tok_lp"], s["tok_a"], s["tok_lpa"])
         out["logp_gap_tok"] = s["gap_sum"] / s["gap_n"] if s["gap_n"] else 0.0

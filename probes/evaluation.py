@@ -10,16 +10,23 @@ when the model is bf16), so S(θ_k) and S(θ_{k+1}) differ only by Δθ; Δθ = 
 forwards. LoRA parameters are float32 (peft keeps adapters in float32 over a bf16 base).
 
 Derivatives along Δθ use forward-mode AD (``torch.func.jvp``): one pass gives d/dε of every
-per-position quantity (h_t, log π(y_t), P_S,t), so any baseline can be applied afterwards.
-Fused attention kernels have no forward-mode derivative; the jvp runs with SDPA's math backend.
+per-position quantity (h_t, log π(y_t), P_S,t), so any baseline can be applied afterwards, and
+the values themselves (its primal output), so θ_k needs no forward of its own. Fused attention
+kernels have no forward-mode derivative, so every forward here runs with SDPA's math backend: the
+plain forward at θ_{k+1} then takes the jvp's own code path. Whether its values equal the jvp's
+bit for bit (they do on CPU, tested; a GPU library could pick other kernels under forward AD) is
+checked once per evaluator; where they differ, θ_k gets a plain forward again, so that S(θ_k) and
+S(θ_{k+1}) never differ by a change of kernel.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from probes.functional.delta_h import token_terms
 from rl_training import policy
@@ -50,6 +57,13 @@ def exact_matmuls():
         torch.set_float32_matmul_precision(old)
 
 
+@contextlib.contextmanager
+def probe_forward(model: torch.nn.Module):
+    """The one setting of every probe forward: eval mode, no TF32, SDPA's math backend."""
+    with eval_mode(model), exact_matmuls(), sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
 def resolve_dtype(model: torch.nn.Module, precision: str) -> torch.dtype:
     model_dtype = next(p.dtype for p in model.parameters() if not p.requires_grad)
     if precision == "model":
@@ -66,6 +80,7 @@ class PolicyEvaluator:
         self.model, self.temperature = model, temperature
         self.dtype = resolve_dtype(model, precision)
         self._frozen: dict[str, torch.Tensor] | None = None
+        self.primal_is_plain: bool | None = None  # the jvp's values == ``terms``, bit for bit (checked once)
 
     def _params(self, trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self._frozen is None:
@@ -86,13 +101,11 @@ class PolicyEvaluator:
 
     @torch.no_grad()
     def terms(self, tensors: policy.TokenBatch, stops, trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        with eval_mode(self.model), exact_matmuls():
+        with probe_forward(self.model):
             return self._terms(tensors, stops, self._params(trainable))
 
-    def terms_jvp(self, tensors: policy.TokenBatch, stops, trainable, direction) -> dict[str, torch.Tensor]:
-        """d/dε at ε = 0 of ``terms`` at trainable + ε·direction."""
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
+    def terms_jvp(self, tensors: policy.TokenBatch, stops, trainable, direction) -> tuple[dict, dict]:
+        """(``terms`` at trainable, d/dε at ε = 0 of ``terms`` at trainable + ε·direction)."""
         names = list(trainable)
         primals = tuple(trainable[n].to(self.dtype) for n in names)
         tangents = tuple(direction[n].to(self.dtype) for n in names)
@@ -101,6 +114,19 @@ class PolicyEvaluator:
         def fn(*values):
             return self._terms(tensors, stops, {**base, **dict(zip(names, values))})
 
-        with eval_mode(self.model), exact_matmuls(), sdpa_kernel([SDPBackend.MATH]):
-            _, tangent_out = jvp(fn, primals, tangents)
-        return tangent_out
+        with probe_forward(self.model):
+            values, tangent_out = jvp(fn, primals, tangents)
+        if self.primal_is_plain is None:
+            self.primal_is_plain = same_bits(values, self.terms(tensors, stops, trainable))
+            if not self.primal_is_plain:
+                warnings.warn("probe forwards: the derivative pass's values differ from a plain forward's "
+                              "on this device; θ_k gets a forward of its own (one more forward a microbatch)")
+        if not self.primal_is_plain:
+            values = self.terms(tensors, stops, trainable)
+        return values, tangent_out
+
+
+def same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Equal keys and equal values, NaN where NaN (padding positions may hold any value)."""
+    return a.keys() == b.keys() and all(
+        torch.equal(a[k].isnan(), b[k].isnan()) and torch.equal(a[k].nan_to_num(), b[k].nan_to_num()) for k in a)

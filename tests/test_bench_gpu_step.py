@@ -38,6 +38,7 @@ def test_gpu_step_bench_smoke_on_the_tiny_shape(tmp_path):
     assert "--budget-s reached: 1 timed steps per trainer, not 3" in proc.stdout and r["done"] == "trl"
     assert all(row["timed_steps"] == 1 for row in r["steps"].values())
     assert r["steps"]["delta_h"]["probe_time_s"] and r["steps"]["gns_ess"]["probe_time_s"]
+    assert r["steps"]["delta_h"]["theta_k_own_forward"] == 0  # CPU: the forward-mode pass gives θ_k's values
     for name in ("bare", "compiled"):
         assert 0 <= r["steps"][name]["logp_mismatch_tok"] < 1e-3  # fp32: rounding only
     assert math.isfinite(r["trl"]["ratio_ours_over_trl_s_per_step"])

@@ -88,8 +88,8 @@ def _trainable(model):
 def _table(ev, tensors, theta, theta_new, delta) -> F.TokenTable:
     stops = (torch.tensor(STOPS), torch.zeros(*tensors[2].shape, 1, dtype=torch.long),
              torch.zeros(*tensors[2].shape, 1, dtype=torch.bool))
-    old, new = ev.terms(tensors, stops, theta), ev.terms(tensors, stops, theta_new)
-    d = ev.terms_jvp(tensors, stops, theta, delta)
+    old, d = ev.terms_jvp(tensors, stops, theta, delta)
+    new = ev.terms(tensors, stops, theta_new)
     mask = tensors[3].double()
     cont = mask * (~torch.isin(tensors[2], torch.tensor(STOPS))).double()
     return F.TokenTable(mask, cont, *(x * mask for x in (old["h"], old["lp"], old["ps"], new["h"], new["lp"],

@@ -26,6 +26,25 @@ def test_no_update_measures_exactly_no_change(tmp_path, extra):
         assert row["probe/delta_h/true"] == 0.0 and row["probe/delta_h/true_se"] == 0.0
         assert row["probe/delta_h/ess_frac"] == 1.0
         assert row["probe/delta_h/pred"] == 0.0
+        assert row["probe/delta_h/theta_k_own_forward"] == 0.0  # θ_k's values came from the forward-mode pass
+
+
+def test_a_device_whose_forward_mode_pass_rounds_differently_still_measures_no_change_exactly(tmp_path, monkeypatch):
+    """Where the forward-mode pass's values are not a plain forward's bit for bit (a GPU library
+    may pick other kernels), θ_k gets a plain forward of its own, so Δθ = 0 still reads 0."""
+    import probes.evaluation as evaluation
+
+    real_jvp = evaluation.jvp
+
+    def off_by_rounding(fn, primals, tangents):
+        values, out = real_jvp(fn, primals, tangents)
+        return {k: v * (1 + 2**-20) for k, v in values.items()}, out
+
+    monkeypatch.setattr(evaluation, "jvp", off_by_rounding)
+    for row in _rows(tmp_path, "train.total_steps=2", "train.lr=0",
+                     "probes.probes=[{name: delta_h, kind: delta_h, options: {batch_size: 8}}]"):
+        assert row["probe/delta_h/theta_k_own_forward"] == 1.0
+        assert row["probe/delta_h/true"] == 0.0 and row["probe/delta_h/pred"] == 0.0
 
 
 @pytest.fixture(scope="module")

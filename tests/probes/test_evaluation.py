@@ -1,0 +1,82 @@
+"""Probe forwards: the derivative pass gives θ_k's values, bit for bit those of a plain forward,
+and where a device breaks that the evaluator goes back to a plain forward for θ_k."""
+
+import warnings
+
+import pytest
+import torch
+
+import probes.evaluation as evaluation
+from probes.evaluation import PolicyEvaluator, same_bits
+from rl_training.models import ModelSpec, apply_lora, load_tokenizer_and_model
+from rl_training.policy import TokenBatch
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _setup(dtype: str):
+    _, model = load_tokenizer_and_model(ModelSpec("tiny-random", dtype))
+    model = apply_lora(model, r=4, alpha=8, dropout=0.0, target_modules=TARGETS)
+    g = torch.Generator().manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B = 0 at init would make every direction through A vanish
+            p.data = 0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype)
+    theta = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    delta = {n: 1e-3 * torch.randn(t.shape, generator=g, dtype=t.dtype) for n, t in theta.items()}
+    vocab = model.config.vocab_size
+    prompt = torch.randint(0, vocab, (4, 7), generator=g)
+    prompt_mask = torch.ones_like(prompt)
+    prompt_mask[1, :3] = 0  # left padding
+    ids = torch.randint(0, vocab, (4, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[2, 5:] = 0  # a completion that stopped early
+    stops = (torch.tensor([0]), torch.zeros(4, 12, 1, dtype=torch.long), torch.zeros(4, 12, 1, dtype=torch.bool))
+    return model, TokenBatch(prompt, prompt_mask, ids, mask), stops, theta, delta
+
+
+def _fallback_warnings(caught) -> list:
+    return [w for w in caught if "differ from a plain forward" in str(w.message)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_derivative_pass_gives_the_plain_forwards_values_bit_for_bit(dtype):
+    model, tensors, stops, theta, delta = _setup(dtype)
+    ev = PolicyEvaluator(model, "auto", 1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        values, tangents = ev.terms_jvp(tensors, stops, theta, delta)
+    assert ev.primal_is_plain is True and not _fallback_warnings(caught)
+    plain = ev.terms(tensors, stops, theta)
+    assert same_bits(values, plain)
+    assert all(bool(t.isfinite().all()) and bool(t.abs().max() > 0) for t in tangents.values())
+    # (the derivatives themselves: tests/probes/test_delta_h_exact.py, against autograd to 1e-9)
+
+
+def test_a_device_whose_derivative_pass_rounds_differently_gets_plain_forwards(monkeypatch):
+    model, tensors, stops, theta, delta = _setup("float32")
+    real_jvp = evaluation.jvp
+
+    def off_by_rounding(fn, primals, tangents):
+        values, out = real_jvp(fn, primals, tangents)
+        return {k: v * (1 + 2**-20) for k, v in values.items()}, out
+
+    monkeypatch.setattr(evaluation, "jvp", off_by_rounding)
+    ev = PolicyEvaluator(model, "auto", 1.0)
+    with pytest.warns(UserWarning, match="differ from a plain forward"):
+        values, _ = ev.terms_jvp(tensors, stops, theta, delta)
+    assert ev.primal_is_plain is False
+    plain = ev.terms(tensors, stops, theta)
+    assert same_bits(values, plain)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again, _ = ev.terms_jvp(tensors, stops, theta, delta)
+    assert same_bits(again, plain) and not _fallback_warnings(caught)  # warned once per evaluator
+
+
+def test_same_bits_treats_nan_as_equal_and_any_other_difference_as_a_difference():
+    a = {"x": torch.tensor([1.0, float("nan"), float("-inf")])}
+    assert same_bits(a, {"x": a["x"].clone()})
+    assert not same_bits(a, {"x": torch.tensor([1.0, 0.0, float("-inf")])})
+    assert not same_bits(a, {"x": torch.tensor([torch.nextafter(torch.tensor(1.0), torch.tensor(2.0)), float("nan"),
+                                                float("-inf")])})
+    assert not same_bits(a, {"y": a["x"]})
