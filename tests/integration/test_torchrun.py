@@ -76,12 +76,25 @@ def test_delta_h_two_ranks_equal_one_process_on_the_same_ebatch(tmp_path):
         assert logged[f"probe/delta_h/{key}"] == pytest.approx(mine[key], rel=1e-6, abs=1e-12), key
 
 
-def test_ranks_hold_identical_parameters(tmp_path):
-    """The run compares every rank's LoRA parameters at the end (summary.json)."""
-    run = run_torchrun(tmp_path, 2, *COMMON, "rollout.prompts_per_round=2")
+def test_ranks_hold_identical_parameters_and_every_probe_runs_over_a_bf16_model(tmp_path):
+    """The user's precision at two ranks: a bf16 base (LoRA in float32), every probe kind strict.
+    The run compares every rank's LoRA parameters at the end (summary.json)."""
+    run = run_torchrun(tmp_path, 2, *COMMON, "rollout.prompts_per_round=2", "model.dtype=bfloat16",
+                       "probes.strict=true")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert summary["rank_param_max_abs_diff"] == 0.0
+    for row in train_log(run):
+        probe = {k: v for k, v in row.items() if k.startswith("probe/")}
+        assert {k.split("/")[1] for k in probe} == {"delta_h", "gns", "ess", "fisher"}, sorted(probe)
+        assert all(np.isfinite(v) for v in probe.values()), probe
+        d = lambda key: row[f"probe/delta_h/{key}"]  # noqa: E731
+        assert d("theta_k_own_forward") == 0.0  # θ_k's values from the forward-mode pass, bf16 base too
+        assert 0 < d("logp_gap_tok") < 1e-2  # the probe evaluates in float32, not in the model's bf16
+        assert 0 < d("sampler_gap_tok") < 1e-2 and d("sampler_ess_frac") > 0.99  # a bf16 decode, weighted back
+        assert abs(d("pred") - d("true")) < 4 * np.hypot(d("pred_se"), d("true_se")) and d("pred") != 0
+        # the same estimand; Fisher's baseline is each rank's own E rows (probes/fisher.py)
+        assert row["probe/fisher/pred"] == pytest.approx(d("pred"), rel=0.05)
 
 
 def test_torchrun_resume_is_a_continuation(tmp_path):
