@@ -6,6 +6,7 @@ measured on. ``--readme`` replaces the table between the README's bench markers.
 
     python bench/run_all.py --readme            # ≈ 30 min on 2 CPU cores
     python bench/run_all.py --table-only        # rebuild the table from bench/results/*.json
+                                                # (else the committed bench/results.json)
 """
 
 from __future__ import annotations
@@ -31,6 +32,22 @@ BENCHES = {
     "gns_cost": ["bench/probe_cost.py", "--probes", "gns,ess", "--steps", "12"],
     "fisher_cost": ["bench/fisher_cost.py", "--rounds", "3"],
 }
+
+
+def gather(results_dir: Path, previous: dict) -> tuple[dict, dict]:
+    """Each bench's result and the day it was measured: from its file in ``results_dir`` (this
+    machine's runs; git ignores them) or else from the committed bench/results.json, so that a
+    partial run on a fresh checkout keeps the other benches' figures and their dates."""
+    results, dates = {}, {}
+    for name in BENCHES:
+        path = results_dir / f"{name}.json"
+        if path.is_file():
+            results[name] = json.loads(path.read_text())
+            dates[name] = time.strftime("%Y-%m-%d", time.localtime(path.stat().st_mtime))
+        elif name in previous.get("results", {}):
+            results[name] = previous["results"][name]
+            dates[name] = previous.get("dates", {}).get(name, previous.get("machine", {}).get("date", ""))
+    return results, dates
 
 
 def machine() -> dict:
@@ -110,16 +127,15 @@ def main() -> None:
             print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
             subprocess.run(cmd, cwd=REPO, check=True)
             seconds[name] = time.perf_counter() - t0
-    results = {n: json.loads((RESULTS / f"{n}.json").read_text()) for n in BENCHES if (RESULTS / f"{n}.json").is_file()}
-    previous = REPO / "bench" / "results.json"
-    if previous.is_file():  # a partial or table-only run keeps the other benches' run times
-        seconds = {**json.loads(previous.read_text()).get("seconds", {}), **seconds}
-    # the days the figures were measured on (a partial run mixes its figures with older ones)
-    days = sorted({time.strftime("%Y-%m-%d", time.localtime((RESULTS / f"{n}.json").stat().st_mtime)) for n in results})
+    previous_path = REPO / "bench" / "results.json"
+    previous = json.loads(previous_path.read_text()) if previous_path.is_file() else {}
+    results, dates = gather(RESULTS, previous)
+    seconds = {**previous.get("seconds", {}), **seconds}  # a partial run keeps the other benches' run times
+    days = sorted({d for span in dates.values() for d in span.split(" to ") if d})
     info = {**machine(), "date": " to ".join(dict.fromkeys([days[0], days[-1]])) if days else ""}
     text = table(results, info)
     (REPO / "bench" / "results.json").write_text(json.dumps(
-        {"machine": info, "seconds": seconds, "rows": rows(results), "results": results}, indent=1, default=str))
+        {"machine": info, "seconds": seconds, "dates": dates, "rows": rows(results), "results": results}, indent=1, default=str))
     print(text)
     if args.readme:
         update_readme(text)

@@ -7,7 +7,8 @@ and g_i(b) = Σ_{t∈i} δ_t. LoRA's A and B are Linear modules, so this covers 
 a trainable parameter outside a Linear is refused.
 
 Row gradients are handed to a callback module by module as soon as the backward reaches the
-module, then dropped: memory stays at one module's [rows × params] at a time. The hooks only
+module; unless the callback keeps them (GNS does, to reduce same-shape modules together after
+the backward) memory stays at one module's [rows × params] at a time. The hooks only
 read: the forward, the backward and whatever DDP does with ``.grad`` are unchanged. Attach
 them around the forward+backward to capture (e.g. one training microbatch) and detach after.
 """

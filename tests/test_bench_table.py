@@ -43,3 +43,17 @@ def test_readme_table_is_replaced_between_markers(tmp_path, monkeypatch):
 def test_the_readme_has_the_markers():
     text = (REPO / "README.md").read_text()
     assert text.count(run_all.BEGIN) == 1 and text.count(run_all.END) == 1
+
+
+def test_a_bench_without_a_fresh_result_keeps_its_committed_figure_and_date(tmp_path):
+    """A partial run on a fresh checkout (bench/results/ is not in git) must not drop the rows of
+    the benches it did not run, nor claim today's date for them."""
+    (tmp_path / "gns_cost.json").write_text('{"overhead_ratio": 0.01}')
+    previous = {"results": {"gns_cost": {"overhead_ratio": 0.5}, "probe_cost": RESULTS["probe_cost"]},
+                "dates": {"probe_cost": "2026-11-29"}, "machine": {"date": "2026-11-28 to 2026-11-30"}}
+    results, dates = run_all.gather(tmp_path, previous)
+    assert results == {"gns_cost": {"overhead_ratio": 0.01}, "probe_cost": RESULTS["probe_cost"]}
+    assert dates["probe_cost"] == "2026-11-29" and dates["gns_cost"].startswith("20")
+    del previous["dates"]  # a results.json written before dates were kept: the span it names
+    assert run_all.gather(tmp_path, previous)[1]["probe_cost"] == "2026-11-28 to 2026-11-30"
+    assert run_all.gather(tmp_path / "none", {}) == ({}, {})

@@ -111,6 +111,10 @@ def test_refuses_trainable_parameters_outside_linear_layers():
         linear_owners(model, {n for n, _ in model.named_parameters()})
 
 
+_VIEWS = {"view", "_unsafe_view", "reshape", "permute", "transpose", "expand", "unsqueeze", "squeeze",
+          "detach", "alias", "as_strided", "t", "select", "slice"}
+
+
 class _OpLog(TorchDispatchMode):
     """The aten ops a block dispatches, and the largest float64 tensor it makes."""
 
@@ -129,15 +133,18 @@ class _OpLog(TorchDispatchMode):
 
 def test_shuffled_groups_across_uneven_microbatches_without_device_stalls(monkeypatch):
     """Groups scattered over microbatches of 5, 5 and 2 rows (TRL shuffles them), a filler
-    group that fills the last microbatch alone: the sums equal brute force, and the backward's hooks never index, read a value back or
-    build a float64 tensor larger than a row count (on a GPU each of these stalls or costs)."""
+    group that fills the last microbatch alone, two modules of one shape (reduced stacked): the
+    sums equal brute force; inside the backward a module launches only its row-gradient matmul
+    (and a bias's sum); neither there nor in the reduction after it does anything index, read a
+    value back or build a float64 tensor larger than the rows (on a GPU each stalls or costs)."""
     from types import SimpleNamespace
 
     from probes.capture import LinearCapture
     from probes.gns import GnsProbe
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 3, bias=False), torch.nn.Tanh(), torch.nn.Linear(3, 4))
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4, bias=False), torch.nn.Tanh(), torch.nn.Linear(4, 4),
+                                torch.nn.Tanh(), torch.nn.Linear(4, 4))
     G, rows, T = 4, 12, 3
     group_index = torch.tensor([2, 0, 1, 0, 2, 0, 1, 0, 2, 2, 1, 1])  # the last microbatch: filler only
     advantages = torch.where(group_index == 1, 0.0, torch.randn(rows))  # group 1: filler
@@ -154,14 +161,21 @@ def test_shuffled_groups_across_uneven_microbatches_without_device_stalls(monkey
         return (model(x[sel]) * coef[sel]).sum(dim=(1, 2)) * (1 + advantages[sel])
 
     logs: list[_OpLog] = []
-    rows_hook = LinearCapture._rows
+    after: list[_OpLog] = []
+    rows_hook, after_hook = LinearCapture._rows, GnsProbe.on_after_backward
 
     def logged_rows(self, attrs, xs, delta):
         with _OpLog() as log:
             rows_hook(self, attrs, xs, delta)
         logs.append(log)
 
+    def logged_after(self, ctx):
+        with _OpLog() as log:
+            after_hook(self, ctx)
+        after.append(log)
+
     monkeypatch.setattr(LinearCapture, "_rows", logged_rows)
+    monkeypatch.setattr(GnsProbe, "on_after_backward", logged_after)
     for i, start in enumerate(range(0, rows, 5)):
         sel = slice(start, start + 5)
         ctx = SimpleNamespace(epoch=0, microbatch_index=i, batch=batch, cfg=cfg, microbatch=group_index[sel],
@@ -181,7 +195,10 @@ def test_shuffled_groups_across_uneven_microbatches_without_device_stalls(monkey
     assert probe.stats["P"] == 2
     assert probe.stats["sq_groups"] == pytest.approx(want_groups, rel=1e-6)
     assert probe.stats["sq_members"] == pytest.approx(want_members, rel=1e-6)
-    assert len(logs) == 2 * 2  # 2 Linear modules × the 2 microbatches with example rows
+    assert len(logs) == 3 * 2  # 3 Linear modules × the 2 microbatches with example rows
     for log in logs:
+        assert log.ops - _VIEWS <= {"bmm", "sum"}
+    assert len(after) == 3  # the filler-only microbatch included: it returns at once
+    for log in logs + after:
         assert not log.ops & {"index", "index_select", "nonzero", "masked_select", "_local_scalar_dense", "item"}
-        assert log.f64_numel <= 5
+        assert log.f64_numel <= 2 * 5  # 2 stacked modules × 5 rows
