@@ -357,18 +357,19 @@ class FisherProbe(Probe):
         if self.mode == "sketch":  # rows are Kronecker sketches already; D is refused in setup
             S = torch.cat([rows[name] for name in self.names], dim=1).cpu()
             return S @ S.T, S if self.world.world_size > 1 else None
-        n = next(iter(rows.values())).shape[0]
-        local = torch.zeros(n, n, dtype=torch.float64)
+        first = next(iter(rows.values()))
+        # summed where the rows are: one copy to the host, not one wait per parameter on a GPU
+        local = torch.zeros(first.shape[0], first.shape[0], dtype=torch.float64, device=first.device)
         sketcher = F.GaussianSketch(stable_seed(self.cfg.seed, "fisher-sketch", step), self.k) \
             if self.world.world_size > 1 else None
-        sketch = torch.zeros(n, self.k, dtype=torch.float64) if sketcher else None
+        sketch = torch.zeros(first.shape[0], self.k, dtype=torch.float64) if sketcher else None
         for name in self.names:
             G, d = rows[name], None if D is None else D[name]
-            local += F.gram(G, weight=d).cpu()
+            local += F.gram(G, weight=d)
             if sketcher is not None:  # ⟨D a, b⟩ = ⟨√D a, √D b⟩: sketch √D-scaled rows
                 scaled = G if d is None else G * d.sqrt().to(G.device, G.dtype)
                 sketch += sketcher.project(name, scaled.cpu())
-        return local, sketch
+        return local.cpu(), sketch
 
     def contributions(self, held: dict, D: dict | None, scale: float) -> torch.Tensor:
         """c_j = scale·A_j·⟨F, D∇S_j⟩ [n_U] float64 of this rank's training sequences, with F the
@@ -378,15 +379,17 @@ class FisherProbe(Probe):
         U = (meta[:, 1] == U_ROW).nonzero().flatten()
         if held["dots"] is not None:
             return scale * meta[U, 4] * held["dots"]
-        dots = torch.zeros(len(U), 1, dtype=torch.float64)
+        device = next(iter(held["rows"].values())).device
+        U_dev, F_all = U.to(device), self.stats["F"].to(device)  # one copy each, not one a parameter
+        dots = torch.zeros(len(U), 1, dtype=torch.float64, device=device)
         start = 0
         for name in self.names:
-            rows = held["rows"][name][U.to(held["rows"][name].device)]
+            rows = held["rows"][name][U_dev]
             size = math.prod(rows.shape[1:])
-            f = self.stats["F"][start:start + size].to(rows.device).reshape(1, *rows.shape[1:])
+            dots += F.gram(rows, F_all[start:start + size].reshape(1, *rows.shape[1:]),
+                           weight=None if D is None else D[name])
             start += size
-            dots += F.gram(rows, f, weight=None if D is None else D[name]).cpu()
-        return scale * meta[U, 4] * dots[:, 0]
+        return scale * meta[U, 4] * dots[:, 0].cpu()
 
     def _meta(self, ebatch, batch) -> torch.Tensor:
         r, nE, nU = self.world.rank, len(ebatch), len(batch)
