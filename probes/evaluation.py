@@ -120,7 +120,7 @@ class PolicyEvaluator:
             self.primal_is_plain = same_bits(values, self.terms(tensors, stops, trainable))
             if not self.primal_is_plain:
                 warnings.warn("probe forwards: the derivative pass's values differ from a plain forward's "
-                              "on this device; θ_k gets a forward of its own (one more forward a microbatch)")
+                              "on this device; θ_k gets a forward of its own (one more forward a microbatch)", stacklevel=2)
         if not self.primal_is_plain:
             values = self.terms(tensors, stops, trainable)
         return values, tangent_out
