@@ -30,6 +30,7 @@ BENCHES = {
     "step_vs_trl": ["bench/step_vs_trl.py", "--rounds", "3"],
     "probe_cost": ["bench/probe_cost.py", "--steps", "3", "--be", "8"],
     "gns_cost": ["bench/probe_cost.py", "--probes", "gns,ess", "--steps", "12"],
+    "gns_kernels": ["bench/gns_kernels.py"],
     "fisher_cost": ["bench/fisher_cost.py", "--rounds", "3"],
 }
 
@@ -78,6 +79,11 @@ def rows(results: dict) -> list[tuple[str, str, str]]:
                         f"(whole-step medians: {r['overhead_ratio']:+.3f})"))
         else:
             out.append(("gns + ess probes, extra time / bare step", f"{r['overhead_ratio']:+.3f}", "ABBA steps, medians"))
+    if "gns_kernels" in results:
+        r = results["gns_kernels"]
+        out.append(("gns probe, device kernels / the bare step's (outside the rollout)", f"{r['probe_over_bare']:.3f}",
+                    f"one step each, counted; {r['kernels_probe']} kernels against {r['kernels_bare_step']}, "
+                    f"{r['modules']} LoRA modules"))
     if "fisher_cost" in results:
         r = results["fisher_cost"]
         out.append((f"exact Fisher kernel ({r['sequences']} seq.) / one plain forward+backward",

@@ -14,6 +14,7 @@ RESULTS = {
     "step_vs_trl": {"summary": {"ratio_ours_over_trl_s_per_step": 0.787, "ratio_ours_over_trl_tokens_per_s": 1.08}},
     "probe_cost": {"be": 8, "overhead_ratio": 1.104},
     "gns_cost": {"overhead_ratio": 0.0042},
+    "gns_kernels": {"probe_over_bare": 0.0125, "kernels_probe": 205, "kernels_bare_step": 16400, "modules": 120},
     "fisher_cost": {"sequences": 16, "kernel_over_plain": 1.17, "loop_over_kernel": 0.85},
 }
 INFO = {"device": "cpu", "cpus": 2, "processor": "x86_64", "torch": "2.13.0", "date": "2026-11-30"}
@@ -25,7 +26,8 @@ def test_table_has_one_row_per_ratio():
     assert "| δH probe (B_E 8), extra time / bare step | 1.10 |" in text
     assert "| gns + ess probes, extra time / bare step | +0.004 |" in text
     assert "| per-sequence loop / exact kernel | 0.85 |" in text
-    assert text.count("\n| ") == 1 + 6 and "on cpu (2 CPUs" in text
+    assert "| gns probe, device kernels / the bare step's (outside the rollout) | 0.013 |" in text
+    assert text.count("\n| ") == 1 + 7 and "on cpu (2 CPUs" in text
     assert run_all.rows({}) == []
 
 
