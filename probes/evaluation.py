@@ -57,10 +57,38 @@ def exact_matmuls():
         torch.set_float32_matmul_precision(old)
 
 
+# transformers, peft and TRL all name it so (PreTrainedModel.enable_input_require_grads and copies)
+_INPUT_GRAD_HOOKS = {"make_inputs_require_grads", "make_inputs_require_grad"}
+
+
+@contextlib.contextmanager
+def without_input_grad_hooks(model: torch.nn.Module):
+    """Forward hooks that call ``requires_grad_`` on the input embeddings' output (TRL adds one
+    with gradient checkpointing, its default, sometimes twice) are taken off while a probe
+    evaluates and put back after: a functorch transform refuses ``requires_grad_``, and the
+    probes differentiate only along the LoRA parameters. Found by name, since a second
+    registration leaves the first one's handle unreferenced (``disable_input_require_grads``
+    then removes only the last)."""
+    saved = []
+    for m in model.modules():
+        drop = [k for k, h in m._forward_hooks.items() if getattr(h, "__name__", "") in _INPUT_GRAD_HOOKS]
+        if drop:
+            saved.append((m, m._forward_hooks.copy()))  # to restore the hooks in their order
+            for k in drop:
+                del m._forward_hooks[k]
+    try:
+        yield
+    finally:
+        for m, hooks in saved:
+            m._forward_hooks.clear()
+            m._forward_hooks.update(hooks)
+
+
 @contextlib.contextmanager
 def probe_forward(model: torch.nn.Module):
-    """The one setting of every probe forward: eval mode, no TF32, SDPA's math backend."""
-    with eval_mode(model), exact_matmuls(), sdpa_kernel([SDPBackend.MATH]):
+    """The one setting of every probe forward: eval mode, no TF32, SDPA's math backend, no hook
+    that makes the embeddings' output require a gradient."""
+    with eval_mode(model), exact_matmuls(), sdpa_kernel([SDPBackend.MATH]), without_input_grad_hooks(model):
         yield
 
 

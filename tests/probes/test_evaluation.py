@@ -80,3 +80,23 @@ def test_same_bits_treats_nan_as_equal_and_any_other_difference_as_a_difference(
     assert not same_bits(a, {"x": torch.tensor([torch.nextafter(torch.tensor(1.0), torch.tensor(2.0)), float("nan"),
                                                 float("-inf")])})
     assert not same_bits(a, {"y": a["x"]})
+
+
+def test_input_grad_hooks_are_off_while_a_probe_evaluates_and_back_after():
+    """TRL's default gradient checkpointing has transformers hook the embeddings to call
+    requires_grad_ on their output (twice by the time training runs: the second registration
+    drops the first one's handle); a functorch transform refuses that call."""
+    model, tensors, stops, theta, delta = _setup("float32")
+    want_values, want_tangents = PolicyEvaluator(model, "auto", 1.0).terms_jvp(tensors, stops, theta, delta)
+    embeddings = model.get_input_embeddings()
+    other = embeddings.register_forward_hook(lambda m, i, o: None)  # a hook of someone else: kept, in its place
+    model.enable_input_require_grads()
+    model.enable_input_require_grads()
+    hooks = list(embeddings._forward_hooks.values())
+    assert len(hooks) == 3
+    values, tangents = PolicyEvaluator(model, "auto", 1.0).terms_jvp(tensors, stops, theta, delta)
+    assert same_bits(values, want_values) and same_bits(tangents, want_tangents)
+    assert list(embeddings._forward_hooks.values()) == hooks
+    with evaluation.without_input_grad_hooks(model):
+        assert list(embeddings._forward_hooks.values()) == [hooks[0]]
+    other.remove()

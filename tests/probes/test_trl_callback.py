@@ -72,6 +72,28 @@ def test_probes_log_inside_trl_grpo(tmp_path):
         f"step_{k}{suffix}" for k in (1, 2) for suffix in (".npz", ".png", "_top.json")]
 
 
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_with_trls_default_gradient_checkpointing_every_probe_logs_what_it_logs_without(tmp_path, monkeypatch,
+                                                                                      reentrant):
+    """TRL turns gradient checkpointing on by default, and with it a hook that makes the
+    embeddings' output require a gradient (which the δH probe's forward-mode pass refused):
+    on the same keyed completions every probe value equals the run without checkpointing."""
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is "experimental"
+
+    def logs(out, **checkpointing):
+        trainer = make_trainer(out, rows=ROWS, accum=ACCUM, keyed=True, train=TRAIN, **checkpointing)
+        ProbeCallback(trainer, PROBES, eval_prompts=EVAL, strict=True)
+        trainer.train()
+        return [{k: v for k, v in row.items() if k.startswith("probe/") and "time" not in k}
+                for row in trainer.state.log_history if "probe/gns/g2" in row]
+
+    plain = logs(tmp_path / "plain", gradient_checkpointing=False)
+    checkpointed = logs(tmp_path / "checkpointed", gradient_checkpointing=True,
+                        gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    assert len(plain) == 2 and len(plain[0]) > 70
+    assert checkpointed == plain
+
+
 def test_refuses_what_it_cannot_probe(tmp_path):
     with pytest.raises(ConfigError, match="loss_type must be 'dr_grpo'"):
         ProbeCallback(make_trainer(tmp_path / "trl", loss_type="grpo"), PROBES, eval_prompts=EVAL)
