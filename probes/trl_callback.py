@@ -28,7 +28,10 @@ over ``logging_steps`` like TRL's own, to its loggers (TensorBoard, ``state.log_
 What carries over, and the limits, probe by probe:
 - all: one optimizer step per generation batch (``num_iterations`` = 1 and ``steps_per_generation``
   = ``gradient_accumulation_steps``, TRL's defaults); refused otherwise. Δθ is read from the
-  parameters, so TRL's optimizer, schedule and clipping are included exactly. A checkpoint
+  parameters, so TRL's optimizer, schedule and clipping are included exactly. Every completion
+  token in the loss: ``top_entropy_quantile`` < 1 and an entropy bonus (``entropy_coef``,
+  ``use_adaptive_entropy``) change the loss's weights, and are refused. Gradient checkpointing
+  (TRL's default) is fine: the probes' forwards take off its input-gradient hook. A checkpoint
   without ``probe_state.pt`` (from a run without this callback) resumes with fresh probe state,
   and says so in a warning. Several
   processes reduce over accelerate's process group through ``DistInfo`` (tested: two processes
@@ -120,6 +123,14 @@ class ProbeCallback(TrainerCallback):
             raise ConfigError("ProbeCallback: needs one optimizer step per generation batch (num_iterations = 1, "
                               f"steps_per_generation = gradient_accumulation_steps); got {args.num_iterations}, "
                               f"{args.steps_per_generation} vs {args.gradient_accumulation_steps}")
+        # Options that change which tokens and terms enter TRL's loss: the ESS weights, Fisher's
+        # contributions and δH's covariance prediction are Dr-GRPO's over every completion token.
+        neutral = {"top_entropy_quantile": 1.0, "entropy_coef": 0.0, "use_adaptive_entropy": False}
+        changed = [f"{k}={getattr(args, k)!r}" for k, v in neutral.items() if getattr(args, k, v) != v]
+        if changed:
+            raise ConfigError(f"ProbeCallback: the probes take the loss to be Dr-GRPO's over every completion token; "
+                              f"{', '.join(changed)} changes it (the neutral values: "
+                              f"{', '.join(f'{k}={v!r}' for k, v in neutral.items())})")
         local = args.per_device_train_batch_size * args.steps_per_generation
         if local % args.num_generations:
             raise ConfigError(f"ProbeCallback: each process's generation batch ({local} rows) must hold whole groups "

@@ -99,6 +99,9 @@ def test_refuses_what_it_cannot_probe(tmp_path):
         ProbeCallback(make_trainer(tmp_path / "trl", loss_type="grpo"), PROBES, eval_prompts=EVAL)
     with pytest.raises(ConfigError, match="num_iterations = 1"):
         ProbeCallback(make_trainer(tmp_path / "trl", num_iterations=2), PROBES, eval_prompts=EVAL)
+    for changed in ({"top_entropy_quantile": 0.2}, {"entropy_coef": 0.01}):
+        with pytest.raises(ConfigError, match=f"{next(iter(changed))}=.* changes it"):
+            ProbeCallback(make_trainer(tmp_path / "trl", **changed), PROBES, eval_prompts=EVAL)
     with pytest.raises(ConfigError, match="unknown probe kind"):
         ProbeCallback(make_trainer(tmp_path / "trl"), [{"name": "x", "kind": "nope"}], eval_prompts=EVAL)
 
