@@ -85,10 +85,35 @@ def without_input_grad_hooks(model: torch.nn.Module):
 
 
 @contextlib.contextmanager
+def unwrapped_forward(model: torch.nn.Module):
+    """accelerate's ``prepare`` (TRL's Trainer with bf16=True, its default) replaces a model's
+    ``forward`` by one that runs under bf16 autocast, so a probe's forwards would round at bf16
+    whatever its precision says. While a probe evaluates, the original forward, which accelerate
+    keeps as ``_original_forward``, stands in."""
+    patched = [m for m in model.modules() if "_original_forward" in vars(m) and "forward" in vars(m)]
+    wrapped = [vars(m)["forward"] for m in patched]
+    for m in patched:
+        m.forward = m._original_forward
+    try:
+        yield
+    finally:
+        for m, forward in zip(patched, wrapped):
+            m.forward = forward
+
+
+@contextlib.contextmanager
+def probe_model(model: torch.nn.Module):
+    """The model as every probe pass sees it: eval mode, its own forward (not a trainer's
+    autocast wrapper), no hook that makes the embeddings' output require a gradient."""
+    with eval_mode(model), unwrapped_forward(model), without_input_grad_hooks(model):
+        yield
+
+
+@contextlib.contextmanager
 def probe_forward(model: torch.nn.Module):
-    """The one setting of every probe forward: eval mode, no TF32, SDPA's math backend, no hook
-    that makes the embeddings' output require a gradient."""
-    with eval_mode(model), exact_matmuls(), sdpa_kernel([SDPBackend.MATH]), without_input_grad_hooks(model):
+    """The one setting of every probe forward without a backward (δH's): ``probe_model``, no
+    TF32, SDPA's math backend (the one with a forward-mode derivative)."""
+    with probe_model(model), exact_matmuls(), sdpa_kernel([SDPBackend.MATH]):
         yield
 
 

@@ -76,7 +76,7 @@ import torch
 from probes.base import Probe, SetupContext, StepContext, is_last_microbatch
 from probes.capture import LinearCapture
 from probes.ebatch import EBatch, sampler_correction, spec_from_options
-from probes.evaluation import eval_mode
+from probes.evaluation import probe_model
 from probes.fisher_files import META, heatmap, write_results
 from probes.functional import delta_h as DH
 from probes.functional import fisher as F
@@ -246,7 +246,7 @@ class FisherProbe(Probe):
         if ebatch is None:
             return F_vec
         e_tokens = ebatch.tensors
-        with eval_mode(model), torch.enable_grad():
+        with probe_model(model), torch.enable_grad():
             parts = list(policy.microbatches(e_tokens, self.micro))
             # The baseline needs every E row of the rank before the surrogate's backward: from a
             # no-grad pass over them, unless one microbatch holds them all (B_E ≤ microbatch,
@@ -274,7 +274,7 @@ class FisherProbe(Probe):
         dots = []
         self._F_all = F_all
         try:
-            with eval_mode(model), torch.enable_grad():
+            with probe_model(model), torch.enable_grad():
                 for _, mb in policy.microbatches(u_tokens, self.micro):
                     self._dots = torch.zeros(len(mb.prompt_ids), dtype=torch.float64, device=params[0].device)
                     with self._capturing():

@@ -31,7 +31,8 @@ What carries over, and the limits, probe by probe:
   parameters, so TRL's optimizer, schedule and clipping are included exactly. Every completion
   token in the loss: ``top_entropy_quantile`` < 1 and an entropy bonus (``entropy_coef``,
   ``use_adaptive_entropy``) change the loss's weights, and are refused. Gradient checkpointing
-  (TRL's default) is fine: the probes' forwards take off its input-gradient hook. A checkpoint
+  and ``bf16=True`` (TRL's defaults) are fine: the probes' passes take off the input-gradient
+  hook and accelerate's autocast wrapper of ``forward`` (``probes/evaluation.py``). A checkpoint
   without ``probe_state.pt`` (from a run without this callback) resumes with fresh probe state,
   and says so in a warning. Several
   processes reduce over accelerate's process group through ``DistInfo`` (tested: two processes

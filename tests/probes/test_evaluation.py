@@ -100,3 +100,22 @@ def test_input_grad_hooks_are_off_while_a_probe_evaluates_and_back_after():
     with evaluation.without_input_grad_hooks(model):
         assert list(embeddings._forward_hooks.values()) == [hooks[0]]
     other.remove()
+
+
+def test_a_trainers_autocast_forward_is_set_aside_while_a_probe_evaluates():
+    """accelerate's prepare (TRL with bf16=True, its default) swaps ``forward`` for one under bf16
+    autocast and keeps the original as ``_original_forward``: the probe evaluates with the
+    original, bit for bit as without the wrapper, and leaves the wrapper in place for training."""
+    from types import MethodType
+
+    model, tensors, stops, theta, delta = _setup("float32")
+    want_values, want_tangents = PolicyEvaluator(model, "auto", 1.0).terms_jvp(tensors, stops, theta, delta)
+    model._original_forward = model.forward  # what accelerate does, with its bf16 autocast
+    wrapped = MethodType(torch.autocast("cpu", dtype=torch.bfloat16)(model.forward.__func__), model)
+    model.forward = wrapped
+    ids = torch.cat([tensors.prompt_ids, tensors.completion_ids], 1)
+    with torch.no_grad():
+        assert model(ids).logits.dtype == torch.bfloat16  # the wrapper is on: training autocasts
+    values, tangents = PolicyEvaluator(model, "auto", 1.0).terms_jvp(tensors, stops, theta, delta)
+    assert same_bits(values, want_values) and same_bits(tangents, want_tangents)
+    assert model.forward == wrapped
