@@ -20,8 +20,11 @@ reads a value back (each would stall a GPU's queue). Reducing module by module t
 kernels a module; on a GPU, launches are what these small reductions cost (SmolLM2 with LoRA
 on q and v, 120 modules: 205 kernels a step instead of 1,494). The price is the microbatch's
 per-row gradients held until its backward ends: rows × trainable parameters in float32
-(Qwen2.5-1.5B, LoRA r64 on 7 projections, 4 rows: 1.2 GB). |g|² is the synced (all-reduced)
-gradient before clipping.
+(Qwen2.5-1.5B, LoRA r64 on 7 projections, 4 rows: 1.2 GB), at most ``hold_rows_gb``: past it,
+what is held is reduced at once, inside the backward (the budget counts every microbatch as a
+full one, so that a shape's modules are grouped alike in every microbatch, which the partial
+sums of groups spanning microbatches rely on). |g|² is the synced (all-reduced) gradient
+before clipping.
 Scale: rank r's loss is the global loss × world size W on its rows, so Γ_p = (P/W)·Σ_{i∈p}
 ∇ℓ_i^local and γ_i = (P·G/W)·∇ℓ_i^local; with these factors the estimates do not depend on W.
 
@@ -29,7 +32,7 @@ Options: ``ema_beta`` (default 0.9), ``group_sizes`` (G' at which to predict B, 
 [2, 4, 8, 16]), ``adam_view`` (default false): the same sums with every squared norm weighted
 by Adam's D = 1/(√v̂ + ε), the metric in which Adam's step is plain SGD (from the optimizer
 state before this step's update, so from step 2 on; D moves slowly, and the EMAs mix steps
-with slightly different D).
+with slightly different D), ``hold_rows_gb`` (default 2): the per-row gradients held at once.
 
 | key | meaning |
 |---|---|
@@ -61,7 +64,7 @@ from probes.functional import gns as F
 from probes.manager import register
 from rl_training.errors import ConfigError
 
-OPTIONS = {"ema_beta", "group_sizes", "adam_view"}
+OPTIONS = {"ema_beta", "group_sizes", "adam_view", "hold_rows_gb"}
 
 
 @dataclass
@@ -101,6 +104,9 @@ class GnsProbe(Probe):
         for e in self.ema.values():
             e.beta = beta
         self.adam_view = bool(self.options.get("adam_view", False))
+        self.hold_bytes = float(self.options.get("hold_rows_gb", 2.0)) * 2**30
+        if not self.hold_bytes > 0:
+            raise ConfigError(f"probe '{self.name}': hold_rows_gb must be > 0, got {self.options['hold_rows_gb']}")
         for k in ("P", "sq_groups", "sq_members", "groups", "groups_accepted", "sq_groups_adam"):
             self.add_stat(k)
         self.add_stat("g2", reduce="max")  # the synced gradient: the same on every rank
@@ -111,6 +117,8 @@ class GnsProbe(Probe):
         self._mb = _Microbatch([])
         self._open: dict[tuple[int, tuple], torch.Tensor] = {}  # partial sums of groups spanning microbatches
         self._rows: dict[tuple, list[tuple[str, torch.Tensor]]] = {}  # this microbatch's rows by shape
+        self._held = 0  # bytes of self._rows, counted as if the microbatch were full
+        self._full_rows = 0
         self._D_stacked: dict[tuple[str, ...], torch.Tensor] = {}
         self._sq_members = self._sq_groups = self._sq_groups_adam = torch.zeros((), dtype=torch.float64)
         self._D: dict[str, torch.Tensor] | None = None  # Adam's D, flat float32 (adam_view)
@@ -122,11 +130,12 @@ class GnsProbe(Probe):
         if ctx.microbatch_index == 0:
             device = next(iter(ctx.trainable().values())).device
             self._plan_step(ctx.batch, ctx.cfg.train.microbatch_size, device)
+            self._full_rows = ctx.cfg.train.microbatch_size
             D = F_fisher.adam_preconditioner(ctx.optimizer, ctx.trainable()) if self.adam_view else None
             self._D = None if D is None else {n: d.float().reshape(-1) for n, d in D.items()}
             self._D_stacked = {}
         self._mb = self._plans[ctx.microbatch_index]
-        self._rows = {}
+        self._rows, self._held = {}, 0
         if self._mb.groups:  # a microbatch of filler groups only has nothing to capture
             self.capture.attach()
 
@@ -140,11 +149,7 @@ class GnsProbe(Probe):
         wanted = {n for attrs in self.capture.owners.values() for n in attrs.values()}
         if wanted - self.capture.seen:
             raise RuntimeError(f"no per-row gradient for {sorted(wanted - self.capture.seen)[:3]}")
-        rows, self._rows = self._rows, {}
-        for shape in sorted(rows):
-            kept = sorted(rows.pop(shape), key=lambda item: item[0])
-            names = tuple(n for n, _ in kept)
-            self._reduce(names, torch.stack([r.reshape(r.shape[0], -1) for _, r in kept]))
+        self._reduce_held()
 
     def on_before_optimizer_step(self, ctx: StepContext) -> None:
         if ctx.epoch > 0:
@@ -193,8 +198,19 @@ class GnsProbe(Probe):
 
     def _on_rows(self, name: str, rows: torch.Tensor) -> None:
         """One parameter's per-row gradients [b, ...] of the current microbatch: kept, reduced
-        after the backward with every parameter of the same shape."""
+        after the backward with every parameter of the same shape (or at once past the budget)."""
         self._rows.setdefault(tuple(rows.shape[1:]), []).append((name, rows))
+        self._held += self._full_rows * rows[0].numel() * rows.element_size()
+        if self._held > self.hold_bytes:
+            self._reduce_held()
+
+    def _reduce_held(self) -> None:
+        """The held rows into the step's sums, one stack and one reduction a shape."""
+        rows, self._rows, self._held = self._rows, {}, 0
+        for shape in sorted(rows):
+            kept = sorted(rows.pop(shape), key=lambda item: item[0])
+            names = tuple(n for n, _ in kept)
+            self._reduce(names, torch.stack([r.reshape(r.shape[0], -1) for _, r in kept]))
 
     def _reduce(self, names: tuple[str, ...], flat: torch.Tensor) -> None:
         """The per-row gradients [m, b, numel] of m same-shape parameters into the step's sums."""

@@ -111,6 +111,21 @@ def test_refuses_trainable_parameters_outside_linear_layers():
         linear_owners(model, {n for n, _ in model.named_parameters()})
 
 
+@pytest.mark.parametrize("options, message", [({"ema_beta": 1.0}, "ema_beta must be in"),
+                                              ({"group_sizes": [0]}, "group_sizes must be >= 1"),
+                                              ({"hold_rows_gb": 0}, "hold_rows_gb must be > 0")])
+def test_refuses_bad_options_in_one_line(options, message):
+    from types import SimpleNamespace
+
+    from probes.gns import GnsProbe
+    from rl_training.errors import ConfigError
+
+    cfg = SimpleNamespace(rollout=SimpleNamespace(group_size=4), train=SimpleNamespace(microbatch_size=4))
+    with pytest.raises(ConfigError, match=message):
+        GnsProbe("gns", options=options).setup(
+            SimpleNamespace(cfg=cfg, world=SimpleNamespace(world_size=1), model=torch.nn.Linear(2, 2)))
+
+
 _VIEWS = {"view", "_unsafe_view", "reshape", "permute", "transpose", "expand", "unsqueeze", "squeeze",
           "detach", "alias", "as_strided", "t", "select", "slice"}
 
@@ -131,12 +146,22 @@ class _OpLog(TorchDispatchMode):
         return out
 
 
-def test_shuffled_groups_across_uneven_microbatches_without_device_stalls(monkeypatch):
+# Twelve rows in microbatches of 5, 5 and 2; groups 0 and 2 have a reward signal, group 1 is filler.
+LAYOUTS = {"filler last": ([2, 0, 1, 0, 2, 0, 1, 0, 2, 2, 1, 1], 2),  # the last microbatch: filler only
+           "spanning last": ([2, 0, 1, 0, 2, 0, 1, 0, 1, 2, 2, 1], 3)}  # group 2 spans all three
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("hold_rows_gb", [None, 1e-12, 700 / 2**30], ids=["default", "none held", "some held"])
+def test_shuffled_groups_across_uneven_microbatches_without_device_stalls(monkeypatch, hold_rows_gb, layout):
     """Groups scattered over microbatches of 5, 5 and 2 rows (TRL shuffles them), a filler
-    group that fills the last microbatch alone, two modules of one shape (reduced stacked): the
+    group that fills the last microbatch alone or a group spanning all three, two modules of one shape (reduced stacked): the
     sums equal brute force; inside the backward a module launches only its row-gradient matmul
     (and a bias's sum); neither there nor in the reduction after it does anything index, read a
-    value back or build a float64 tensor larger than the rows (on a GPU each stalls or costs)."""
+    value back or build a float64 tensor larger than the rows (on a GPU each stalls or costs).
+    With a budget for held rows that the modules exceed, reduced in the backward, the same
+    (700 bytes: the biases of the two same-shape modules are reduced apart in a full microbatch,
+    and must be in the short last one too)."""
     from types import SimpleNamespace
 
     from probes.capture import LinearCapture
@@ -146,13 +171,13 @@ def test_shuffled_groups_across_uneven_microbatches_without_device_stalls(monkey
     model = torch.nn.Sequential(torch.nn.Linear(5, 4, bias=False), torch.nn.Tanh(), torch.nn.Linear(4, 4),
                                 torch.nn.Tanh(), torch.nn.Linear(4, 4))
     G, rows, T = 4, 12, 3
-    group_index = torch.tensor([2, 0, 1, 0, 2, 0, 1, 0, 2, 2, 1, 1])  # the last microbatch: filler only
+    group_index, captured = torch.tensor(LAYOUTS[layout][0]), LAYOUTS[layout][1]
     advantages = torch.where(group_index == 1, 0.0, torch.randn(rows))  # group 1: filler
     x, coef = torch.randn(rows, T, 5), torch.randn(rows, T, 4)
     batch = SimpleNamespace(group_index=group_index, advantages=advantages,
                             stats=SimpleNamespace(groups=3, groups_rejected=1))
     cfg = SimpleNamespace(rollout=SimpleNamespace(group_size=G), train=SimpleNamespace(microbatch_size=5))
-    probe = GnsProbe("gns")
+    probe = GnsProbe("gns", options={} if hold_rows_gb is None else {"hold_rows_gb": hold_rows_gb})
     probe.setup(SimpleNamespace(cfg=cfg, world=SimpleNamespace(world_size=1), model=model))
     probe.reset_stats()
     params = dict(model.named_parameters())
@@ -195,10 +220,10 @@ def test_shuffled_groups_across_uneven_microbatches_without_device_stalls(monkey
     assert probe.stats["P"] == 2
     assert probe.stats["sq_groups"] == pytest.approx(want_groups, rel=1e-6)
     assert probe.stats["sq_members"] == pytest.approx(want_members, rel=1e-6)
-    assert len(logs) == 3 * 2  # 3 Linear modules × the 2 microbatches with example rows
-    for log in logs:
+    assert len(logs) == 3 * captured  # 3 Linear modules × the microbatches with example rows
+    for log in logs if hold_rows_gb is None else []:
         assert log.ops - _VIEWS <= {"bmm", "sum"}
-    assert len(after) == 3  # the filler-only microbatch included: it returns at once
+    assert len(after) == 3  # a filler-only microbatch included: it returns at once
     for log in logs + after:
         assert not log.ops & {"index", "index_select", "nonzero", "masked_select", "_local_scalar_dense", "item"}
         assert log.f64_numel <= 2 * 5  # 2 stacked modules × 5 rows
