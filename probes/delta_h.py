@@ -41,7 +41,7 @@ the sampler's policy, which the weights' ESS says how far off).
 | `n`, `prompts`, `pool_frac` | B_E, prompts in the E-batch, their fraction of the pool (f) |
 | `stop_frac` | fraction of E-batch completions that ended at a stop token (not the budget) |
 | `stops_multi` | completions that ended with a multi-token stop string (decision seen only at its last token) |
-| `logp_gap_tok` | mean per-token |log π in the probe's precision − log π in the model's| (0 when they are the same) |
+| `logp_gap_tok` | mean per-token |log π in the probe's precision − log π as the trainer computes it (the model's dtype, under the trainer's autocast if it wraps forward)| (0 when they are the same) |
 | `sampler_gap_tok`, `sampler_ess_frac` | how far the policy that sampled the E-batch (bf16, LoRA-merged or compiled decode) is from the evaluated π_θk: mean per-token |log π_θk − log π_sampler|, and Kish ESS / B_E of the sequence weights π_θk(y)/π_sampler(y) (1: the two are the same; ``sampler_correction`` per_decision weights each decision by its ratio) |
 | `theta_k_own_forward` | 0: the values at θ_k came from the derivative pass (bit for bit a plain forward's, checked once per run); 1: on this device they differ, so θ_k gets a forward of its own (on any rank) |
 | `time_gen_s`, `time_fwd_s`, `time_jvp_s` | cost: E-batch generation, the forward at θ_{k+1}, the derivative pass, which also gives the values at θ_k (slowest rank) |
@@ -56,7 +56,7 @@ import torch
 
 from probes.base import Probe, SetupContext, StepContext
 from probes.ebatch import EBatch, EBatchSpec, sampler_correction, spec_from_options
-from probes.evaluation import PRECISIONS, PolicyEvaluator
+from probes.evaluation import PRECISIONS, PolicyEvaluator, trainer_wraps_forward
 from probes.functional import delta_h as F
 from probes.manager import register
 from rl_training.errors import ConfigError
@@ -168,7 +168,8 @@ class DeltaHProbe(Probe):
             new = ev.terms(tensors, stops, theta_new)
             timer["time_jvp_s"] = timer.get("time_jvp_s", 0.0) + t1 - t0
             timer["time_fwd_s"] = timer.get("time_fwd_s", 0.0) + time.perf_counter() - t1
-            if ev.dtype != next(p.dtype for p in model.parameters() if not p.requires_grad):
+            if ev.dtype != next(p.dtype for p in model.parameters() if not p.requires_grad) \
+                    or trainer_wraps_forward(model):
                 gap, count = self._precision_gap(model, tensors, stops, theta_new, new["lp"])
                 timer["gap_sum"], timer["gap_n"] = timer.get("gap_sum", 0.0) + gap, timer.get("gap_n", 0.0) + count
             ls = ebatch.sampler_log_ratios(rows, old["lp"])
@@ -200,9 +201,10 @@ class DeltaHProbe(Probe):
         return stacked, torch.stack([prompt.double(), ended.double(), log_w], dim=1)
 
     def _precision_gap(self, model, tensors, stops, trainable, lp_probe) -> tuple[float, float]:
-        """Σ|log π in the probe's precision − log π in the model's own| and the token count: how
-        far the evaluated policy is from the one that sampled (bf16 decoding)."""
-        native = PolicyEvaluator(model, "model", self.cfg.rollout.temperature)
+        """Σ|log π in the probe's precision − log π as the trainer computes it| and the token
+        count: how far the evaluated policy is from the one the trainer scores (its dtype, and its
+        autocast where a trainer wraps forward, as TRL's bf16=True does) and samples from."""
+        native = PolicyEvaluator(model, "model", self.cfg.rollout.temperature, trainer_forward=True)
         lp_model = native.terms(tensors, stops, trainable)["lp"]
         mask = tensors.completion_mask.to(lp_model.device).double()
         return float(((lp_probe - lp_model).abs() * mask).sum()), float(mask.sum())

@@ -84,13 +84,22 @@ def without_input_grad_hooks(model: torch.nn.Module):
             m._forward_hooks.update(hooks)
 
 
+def _wrapped_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if "_original_forward" in vars(m) and "forward" in vars(m)]
+
+
+def trainer_wraps_forward(model: torch.nn.Module) -> bool:
+    """Whether a trainer (accelerate's prepare) runs this model's forward under a wrapper."""
+    return bool(_wrapped_modules(model))
+
+
 @contextlib.contextmanager
 def unwrapped_forward(model: torch.nn.Module):
     """accelerate's ``prepare`` (TRL's Trainer with bf16=True, its default) replaces a model's
     ``forward`` by one that runs under bf16 autocast, so a probe's forwards would round at bf16
     whatever its precision says. While a probe evaluates, the original forward, which accelerate
     keeps as ``_original_forward``, stands in."""
-    patched = [m for m in model.modules() if "_original_forward" in vars(m) and "forward" in vars(m)]
+    patched = _wrapped_modules(model)
     wrapped = [vars(m)["forward"] for m in patched]
     for m in patched:
         m.forward = m._original_forward
@@ -102,18 +111,20 @@ def unwrapped_forward(model: torch.nn.Module):
 
 
 @contextlib.contextmanager
-def probe_model(model: torch.nn.Module):
+def probe_model(model: torch.nn.Module, own_forward: bool = True):
     """The model as every probe pass sees it: eval mode, its own forward (not a trainer's
-    autocast wrapper), no hook that makes the embeddings' output require a gradient."""
-    with eval_mode(model), unwrapped_forward(model), without_input_grad_hooks(model):
+    autocast wrapper; ``own_forward=False`` keeps the wrapper, to measure how far the trainer's
+    forward is from the probe's), no hook that makes the embeddings' output require a gradient."""
+    with eval_mode(model), unwrapped_forward(model) if own_forward else contextlib.nullcontext(), \
+            without_input_grad_hooks(model):
         yield
 
 
 @contextlib.contextmanager
-def probe_forward(model: torch.nn.Module):
+def probe_forward(model: torch.nn.Module, own_forward: bool = True):
     """The one setting of every probe forward without a backward (δH's): ``probe_model``, no
     TF32, SDPA's math backend (the one with a forward-mode derivative)."""
-    with probe_model(model), exact_matmuls(), sdpa_kernel([SDPBackend.MATH]):
+    with probe_model(model, own_forward), exact_matmuls(), sdpa_kernel([SDPBackend.MATH]):
         yield
 
 
@@ -129,8 +140,9 @@ def resolve_dtype(model: torch.nn.Module, precision: str) -> torch.dtype:
 class PolicyEvaluator:
     """``terms``/``terms_jvp``: per-token h, log π(y_t), P_S of completions at given LoRA values."""
 
-    def __init__(self, model: torch.nn.Module, precision: str, temperature: float):
+    def __init__(self, model: torch.nn.Module, precision: str, temperature: float, trainer_forward: bool = False):
         self.model, self.temperature = model, temperature
+        self.own_forward = not trainer_forward  # trainer_forward: through a trainer's autocast wrapper
         self.dtype = resolve_dtype(model, precision)
         self._frozen: dict[str, torch.Tensor] | None = None
         self.primal_is_plain: bool | None = None  # the jvp's values == ``terms``, bit for bit (checked once)
@@ -154,7 +166,7 @@ class PolicyEvaluator:
 
     @torch.no_grad()
     def terms(self, tensors: policy.TokenBatch, stops, trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        with probe_forward(self.model):
+        with probe_forward(self.model, self.own_forward):
             return self._terms(tensors, stops, self._params(trainable))
 
     def terms_jvp(self, tensors: policy.TokenBatch, stops, trainable, direction) -> tuple[dict, dict]:
@@ -167,7 +179,7 @@ class PolicyEvaluator:
         def fn(*values):
             return self._terms(tensors, stops, {**base, **dict(zip(names, values))})
 
-        with probe_forward(self.model):
+        with probe_forward(self.model, self.own_forward):
             values, tangent_out = jvp(fn, primals, tangents)
         if self.primal_is_plain is None:
             self.primal_is_plain = same_bits(values, self.terms(tensors, stops, trainable))

@@ -119,3 +119,8 @@ def test_a_trainers_autocast_forward_is_set_aside_while_a_probe_evaluates():
     values, tangents = PolicyEvaluator(model, "auto", 1.0).terms_jvp(tensors, stops, theta, delta)
     assert same_bits(values, want_values) and same_bits(tangents, want_tangents)
     assert model.forward == wrapped
+    # the trainer's forward on request (δH's logp_gap_tok): the wrapper's bf16 rounding shows
+    assert evaluation.trainer_wraps_forward(model)
+    trainers = PolicyEvaluator(model, "model", 1.0, trainer_forward=True).terms(tensors, stops, theta)
+    gap = float(((trainers["lp"] - want_values["lp"]).abs() * tensors.completion_mask).max())
+    assert 1e-4 < gap < 0.1 and model.forward == wrapped

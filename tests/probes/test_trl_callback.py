@@ -98,7 +98,8 @@ def test_with_trls_default_bf16_autocast_the_probes_still_evaluate_in_float32(tm
     """TRL's bf16=True (its default) has accelerate wrap the model's forward in bf16 autocast; the
     probes must set it aside, or δH's measured change reads bf16 rounding: with it set aside
     δH₁ meets the measured ΔH within 2 % of an SE at both steps (measured 0.5 and 0.8 %, as in
-    float32; with the wrapper 0.6 and 2.3 SE off). GNS's |g|² is the autocast gradient TRL clips."""
+    float32; with the wrapper 0.6 and 2.3 SE off). GNS's |g|² is the autocast gradient TRL clips,
+    and δH's logp_gap_tok measures the autocast forward against the probe's."""
     monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is "experimental"
     trainer = make_trainer(tmp_path / "trl", rows=ROWS, accum=ACCUM, keyed=True, train=TRAIN, bf16=True)
     ProbeCallback(trainer, PROBES, eval_prompts=EVAL, strict=True)
@@ -109,6 +110,8 @@ def test_with_trls_default_bf16_autocast_the_probes_still_evaluate_in_float32(tm
         assert all(math.isfinite(v) for k, v in row.items() if k.startswith("probe/"))
         assert abs(row["probe/delta_h/pred"] - row["probe/delta_h/true"]) < 0.02 * row["probe/delta_h/true_se"]
         assert row["probe/gns/g2"] == pytest.approx(row["grad_norm"] ** 2, rel=1e-4)
+        # how far TRL's autocast forward is from the probe's float32 one (measured 6e-4 nats a token)
+        assert 1e-5 < row["probe/delta_h/logp_gap_tok"] < 1e-2
 
 
 def test_refuses_what_it_cannot_probe(tmp_path):
