@@ -63,8 +63,8 @@ _INPUT_GRAD_HOOKS = {"make_inputs_require_grads", "make_inputs_require_grad"}
 
 @contextlib.contextmanager
 def without_input_grad_hooks(model: torch.nn.Module):
-    """Forward hooks that call ``requires_grad_`` on the input embeddings' output (TRL adds one
-    with gradient checkpointing, its default, sometimes twice) are taken off while a probe
+    """Forward hooks that call ``requires_grad_`` on the input embeddings' output (TRL's gradient
+    checkpointing, its default, brings them: three by the end of a run) are taken off while a probe
     evaluates and put back after: a functorch transform refuses ``requires_grad_``, and the
     probes differentiate only along the LoRA parameters. Found by name, since a second
     registration leaves the first one's handle unreferenced (``disable_input_require_grads``
