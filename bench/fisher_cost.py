@@ -35,8 +35,7 @@ import torch  # noqa: E402
 
 from rl_training import dist, policy, rollout  # noqa: E402
 from rl_training.config import load_config  # noqa: E402
-from gpu_step import COMMON, SETTINGS, sync  # noqa: E402
-from rl_training.models import save_random_model, save_smollm2_tokenizer  # noqa: E402
+from gpu_step import SETTINGS, shape_config, sync  # noqa: E402
 from rl_training.session import build_session  # noqa: E402
 from probes.functional import fisher as F  # noqa: E402
 
@@ -79,13 +78,8 @@ def main() -> None:
     overrides = ["rollout.filter_groups=false", "logging.progress_bar=false", PROBE]
     world = dist.DistInfo()
     if args.shape:
-        work = Path(tempfile.mkdtemp(prefix="fisher_cost_"))
-        tokenizer = args.tokenizer or save_smollm2_tokenizer(work / "tokenizer")
-        dtype = torch.float32 if args.shape == "tiny" else torch.bfloat16
-        model_dir = save_random_model(tokenizer, work / "model", args.shape, dtype)
-        args.cfg, shape_overrides, _, _ = SETTINGS[args.shape]
-        overrides = [*COMMON, *shape_overrides, f"model.name_or_path={model_dir}", f"output_dir={work / 'runs'}",
-                     *overrides]
+        args.cfg, shape_overrides = shape_config(args.shape, args.tokenizer, Path(tempfile.mkdtemp(prefix="fisher_cost_")))
+        overrides = [*shape_overrides, *overrides]
         G = load_config(args.cfg, overrides).rollout.group_size
         overrides += [f"rollout.prompts_per_round={max(1, 16 // G)}", "train.buffer_size=16"]  # 16 sequences
         world = dist.init("auto", force_collectives=False)

@@ -9,7 +9,11 @@ same rollouts (the probe only reads), so the difference is the probe's; it is al
 inside the probe's hooks, by hook. Writes JSON.
 
     python bench/gns_kernels.py --out bench/results/gns_kernels.json
-    python bench/gns_kernels.py --cfg cfg/tiny_test.yaml --out /tmp/gns_kernels.json
+    python bench/gns_kernels.py --cfg cfg/tiny_test.yaml --set --out /tmp/gns_kernels.json
+
+``--shape qwen2.5-1.5b``: a random-init model of the user's shape on the Qwen config (LoRA r64 on
+seven projections; ``bench/gpu_step.py``'s settings), no hub; give ``--set`` a short rollout on
+a CPU (``bench/run_all.py`` does).
 """
 
 from __future__ import annotations
@@ -18,18 +22,21 @@ import argparse
 import collections
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from probes.capture import LinearCapture  # noqa: E402
 from probes.gns import GnsProbe  # noqa: E402
 from rl_training import dist, rollout  # noqa: E402
 from rl_training.config import load_config  # noqa: E402
 from rl_training.session import build_session  # noqa: E402
+from gpu_step import SETTINGS, shape_config  # noqa: E402
 
 VIEWS = {"view", "_unsafe_view", "reshape", "permute", "transpose", "expand", "unsqueeze", "squeeze", "detach",
          "alias", "as_strided", "t", "select", "slice", "split", "split_with_sizes", "unbind", "lift_fresh"}
@@ -83,7 +90,9 @@ def count_step(trainer) -> KernelCount:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cfg", default="cfg/smollm2_cpu_demo.yaml")
-    ap.add_argument("--set", nargs="*", default=["rollout.max_new_tokens=32"], help="config overrides")
+    ap.add_argument("--set", nargs="*", default=["rollout.max_new_tokens=32"], help="config overrides (last)")
+    ap.add_argument("--shape", choices=sorted(SETTINGS), default=None, help="a random-init model of this shape")
+    ap.add_argument("--tokenizer", type=Path, default=None, help="with --shape: tokenizer folder (default: SmolLM2's)")
     ap.add_argument("--out", default="bench/results/gns_kernels.json")
     args = ap.parse_args()
     # the rollout is not counted (its kernels do not depend on the probe)
@@ -93,7 +102,11 @@ def main() -> None:
     for hook in ("on_before_microbatch", "on_after_backward", "on_before_optimizer_step", "compute", "on_reduced"):
         setattr(GnsProbe, hook, labelled(getattr(GnsProbe, hook), f"gns: {hook}"))
     world = dist.DistInfo()
-    overrides = COMMON + list(args.set)
+    overrides = COMMON
+    if args.shape:
+        args.cfg, shape_overrides = shape_config(args.shape, args.tokenizer, Path(tempfile.mkdtemp(prefix="gns_kernels_")))
+        overrides = [*shape_overrides, *COMMON]
+    overrides = [*overrides, *args.set]
     trainers = {"bare": build_session(load_config(args.cfg, overrides + ["probes.probes=[]"]), world).trainer,
                 "gns": build_session(load_config(args.cfg, overrides + ["probes.probes=[{name: gns, kind: gns}]"]),
                                      world).trainer}
@@ -105,7 +118,7 @@ def main() -> None:
     probed = sum(counts["gns"].counts.values())
     in_hooks = {k: v for k, v in counts["gns"].counts.items() if k.startswith("gns")}
     summary = {
-        "cfg": args.cfg, "overrides": overrides, "modules": len(probe.capture.owners),
+        "cfg": args.cfg, "shape": args.shape, "overrides": overrides, "modules": len(probe.capture.owners),
         "microbatches": trainers["gns"].accum, "kernels_bare_step": bare, "kernels_probed_step": probed,
         "kernels_probe": probed - bare, "kernels_in_probe_hooks": sum(in_hooks.values()),
         "probe_over_bare": (probed - bare) / bare, "by_hook": in_hooks,

@@ -70,6 +70,16 @@ TRAINERS = {  # name -> overrides
 }
 
 
+def shape_config(shape: str, tokenizer: Path | None, work: Path) -> tuple[str, list[str]]:
+    """(config path, overrides) of ``SETTINGS[shape]`` on a random-init model of that shape saved
+    under ``work`` (bf16; float32 for tiny), with ``tokenizer`` (default: SmolLM2's): no hub."""
+    tokenizer = tokenizer or save_smollm2_tokenizer(work / "tokenizer")
+    dtype = torch.float32 if shape == "tiny" else torch.bfloat16
+    model_dir = save_random_model(tokenizer, work / "model", shape, dtype)
+    cfg_path, overrides, _, _ = SETTINGS[shape]
+    return str(REPO / cfg_path), [*COMMON, *overrides, f"model.name_or_path={model_dir}", f"output_dir={work / 'runs'}"]
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -183,16 +193,13 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="gpu_step_"))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda") if cuda else torch.device("cpu")
-    tokenizer = args.tokenizer or save_smollm2_tokenizer(work / "tokenizer")
-    dtype = torch.bfloat16 if args.shape != "tiny" else torch.float32
-    model_dir = save_random_model(tokenizer, work / "model", args.shape, dtype)
-    cfg_path, overrides, rows, new_tokens = SETTINGS[args.shape]
-    base = [*COMMON, *overrides, f"model.name_or_path={model_dir}", f"output_dir={work / 'runs'}",
-            f"rollout.compile_backend={args.compile_backend}"]
+    cfg_path, base = shape_config(args.shape, args.tokenizer, work)
+    base.append(f"rollout.compile_backend={args.compile_backend}")
+    _, _, rows, new_tokens = SETTINGS[args.shape]
     world = dist.init("auto", force_collectives=False)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    sessions = {name: build_session(load_config(REPO / cfg_path, [*base, *TRAINERS[name]]), world) for name in chosen}
+    sessions = {name: build_session(load_config(cfg_path, [*base, *TRAINERS[name]]), world) for name in chosen}
     trainers = {name: s.trainer for name, s in sessions.items()}
     bare = trainers["bare"]
     params = sum(p.numel() * p.element_size() for p in bare.policy.parameters())

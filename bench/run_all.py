@@ -31,6 +31,10 @@ BENCHES = {
     "probe_cost": ["bench/probe_cost.py", "--steps", "3", "--be", "8"],
     "gns_cost": ["bench/probe_cost.py", "--probes", "gns,ess", "--steps", "12"],
     "gns_kernels": ["bench/gns_kernels.py"],
+    # the user's model shape and LoRA (r64 on 7 projections, microbatch 4), a short rollout: ≈ 5 min
+    "gns_kernels_qwen": ["bench/gns_kernels.py", "--shape", "qwen2.5-1.5b", "--set", "train.buffer_size=16",
+                         "rollout.prompts_per_round=2", "rollout.generation_batch_size=16",
+                         "rollout.max_new_tokens=16", "train.microbatch_size=4"],
     "fisher_cost": ["bench/fisher_cost.py", "--rounds", "3"],
 }
 
@@ -79,11 +83,12 @@ def rows(results: dict) -> list[tuple[str, str, str]]:
                         f"(whole-step medians: {r['overhead_ratio']:+.3f})"))
         else:
             out.append(("gns + ess probes, extra time / bare step", f"{r['overhead_ratio']:+.3f}", "ABBA steps, medians"))
-    if "gns_kernels" in results:
-        r = results["gns_kernels"]
-        out.append(("gns probe, device kernels / the bare step's (outside the rollout)", f"{r['probe_over_bare']:.3f}",
-                    f"one step each, counted; {r['kernels_probe']} kernels against {r['kernels_bare_step']}, "
-                    f"{r['modules']} LoRA modules"))
+    for name, model in (("gns_kernels", "SmolLM2"), ("gns_kernels_qwen", "Qwen2.5-1.5B shape")):
+        if name in results:
+            r = results[name]
+            out.append((f"gns probe, device kernels / the bare step's (outside the rollout), {model}",
+                        f"{r['probe_over_bare']:.3f}", f"one step each, counted; {r['kernels_probe']} kernels against "
+                        f"{r['kernels_bare_step']}, {r['modules']} LoRA modules"))
     if "fisher_cost" in results:
         r = results["fisher_cost"]
         out.append((f"exact Fisher kernel ({r['sequences']} seq.) / one plain forward+backward",

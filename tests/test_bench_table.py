@@ -26,7 +26,7 @@ def test_table_has_one_row_per_ratio():
     assert "| δH probe (B_E 8), extra time / bare step | 1.10 |" in text
     assert "| gns + ess probes, extra time / bare step | +0.004 |" in text
     assert "| per-sequence loop / exact kernel | 0.85 |" in text
-    assert "| gns probe, device kernels / the bare step's (outside the rollout) | 0.013 |" in text
+    assert "| gns probe, device kernels / the bare step's (outside the rollout), SmolLM2 | 0.013 |" in text
     assert text.count("\n| ") == 1 + 7 and "on cpu (2 CPUs" in text
     assert run_all.rows({}) == []
 
