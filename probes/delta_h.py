@@ -152,6 +152,9 @@ class DeltaHProbe(Probe):
         if theta_new is None:
             theta_new = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
         always = torch.tensor(self.stop_rule.always, dtype=torch.long)
+        # the trainer scores the policy otherwise (its dtype, or its autocast): measure how far
+        measure_gap = ev.dtype != next(p.dtype for p in model.parameters() if not p.requires_grad) \
+            or trainer_wraps_forward(model)
         for i, (rows, tensors) in enumerate(microbatches(ebatch.tensors, self.micro)):
             extra, extra_mask = self.stop_rule.stop_sets(tensors.completion_ids, tensors.completion_mask)
             stops = (always, extra, extra_mask)
@@ -168,8 +171,7 @@ class DeltaHProbe(Probe):
             new = ev.terms(tensors, stops, theta_new)
             timer["time_jvp_s"] = timer.get("time_jvp_s", 0.0) + t1 - t0
             timer["time_fwd_s"] = timer.get("time_fwd_s", 0.0) + time.perf_counter() - t1
-            if ev.dtype != next(p.dtype for p in model.parameters() if not p.requires_grad) \
-                    or trainer_wraps_forward(model):
+            if measure_gap:
                 gap, count = self._precision_gap(model, tensors, stops, theta_new, new["lp"])
                 timer["gap_sum"], timer["gap_n"] = timer.get("gap_sum", 0.0) + gap, timer.get("gap_n", 0.0) + count
             ls = ebatch.sampler_log_ratios(rows, old["lp"])

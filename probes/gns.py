@@ -130,7 +130,6 @@ class GnsProbe(Probe):
         if ctx.microbatch_index == 0:
             device = next(iter(ctx.trainable().values())).device
             self._plan_step(ctx.batch, ctx.cfg.train.microbatch_size, device)
-            self._full_rows = ctx.cfg.train.microbatch_size
             D = F_fisher.adam_preconditioner(ctx.optimizer, ctx.trainable()) if self.adam_view else None
             self._D = None if D is None else {n: d.float().reshape(-1) for n, d in D.items()}
             self._D_stacked = {}
@@ -191,7 +190,7 @@ class GnsProbe(Probe):
         for plan, block, host in zip(self._plans, packed.split([b.numel() for b in blocks]), blocks):
             plan.members = block.view(host.shape)
             plan.row_is_member = plan.members.sum(0).double()
-        self._open = {}
+        self._open, self._full_rows = {}, microbatch_size
         zero = torch.zeros((), dtype=torch.float64, device=device)
         self._sq_members = self._sq_groups = self._sq_groups_adam = zero
         self.stats["P"] += float(len(self._examples))
