@@ -19,14 +19,12 @@ a CPU (``bench/run_all.py`` does).
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -37,29 +35,9 @@ from rl_training import dist, rollout  # noqa: E402
 from rl_training.config import load_config  # noqa: E402
 from rl_training.session import build_session  # noqa: E402
 from gpu_step import SETTINGS, shape_config  # noqa: E402
+from kernel_count import KernelCount  # noqa: E402
 
-VIEWS = {"view", "_unsafe_view", "reshape", "permute", "transpose", "expand", "unsqueeze", "squeeze", "detach",
-         "alias", "as_strided", "t", "select", "slice", "split", "split_with_sizes", "unbind", "lift_fresh"}
 COMMON = ["rollout.filter_groups=false", "logging.progress_bar=false", "train.total_steps=1000"]
-
-
-class KernelCount(TorchDispatchMode):
-    """Counts non-view aten ops under the label in ``where`` (None: not counted)."""
-
-    def __init__(self):
-        super().__init__()
-        self.where: list[str | None] = ["step"]
-        self.counts: collections.Counter = collections.Counter()
-        self.ops: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        label, name = self.where[-1], func.overloadpacket.__name__
-        if label is not None and name not in VIEWS:
-            self.counts[label] += 1
-            self.ops[label][name] += 1
-        return func(*args, **(kwargs or {}))
-
-
 COUNTER: KernelCount | None = None
 
 

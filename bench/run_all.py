@@ -36,6 +36,9 @@ BENCHES = {
                          "rollout.prompts_per_round=2", "rollout.generation_batch_size=16",
                          "rollout.max_new_tokens=16", "train.microbatch_size=4"],
     "fisher_cost": ["bench/fisher_cost.py", "--rounds", "3"],
+    # the user's shape, kernels counted only (timing it on a CPU would take hours): ≈ 4 min
+    "fisher_kernels_qwen": ["bench/fisher_cost.py", "--shape", "qwen2.5-1.5b", "--rounds", "0",
+                            "--set", "rollout.max_new_tokens=16"],
 }
 
 
@@ -99,6 +102,13 @@ def rows(results: dict) -> list[tuple[str, str, str]]:
                         "/ one plain forward+backward", f"{r['sketch_over_plain']:.2f}",
                         f"same rounds; {r['sketch_columns']} columns a sequence, errors' mean z² "
                         f"{r['sketch_z2_mean']:.2f} (1 expected)"))
+    for name, model in (("fisher_cost", "SmolLM2"), ("fisher_kernels_qwen", "Qwen2.5-1.5B shape")):
+        if "kernels" in results.get(name, {}):
+            r = results[name]
+            k = r["kernels"]
+            out.append((f"exact Fisher kernel ({r['sequences']} seq.), device kernels / the plain pass's, {model}",
+                        f"{r['kernels_kernel_over_plain']:.2f}", f"counted; {k['kernel']} kernels (Gram {k['gram']}) "
+                        f"against {k['plain']}, c_j {k['contributions']} more, {r['captured_modules']} LoRA modules"))
     return out
 
 

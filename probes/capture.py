@@ -8,7 +8,9 @@ a trainable parameter outside a Linear is refused.
 
 Row gradients are handed to a callback module by module as soon as the backward reaches the
 module; unless the callback keeps them (GNS does, to reduce same-shape modules together after
-the backward) memory stays at one module's [rows × params] at a time. The hooks only
+the backward) memory stays at one module's [rows × params] at a time. An owner that keeps
+every row (the Fisher probe) gives ``rows_out``: the matmul then writes straight into the
+owner's buffer, with no copy and no second allocation. The hooks only
 read: the forward, the backward and whatever DDP does with ``.grad`` are unchanged. Attach
 them around the forward+backward to capture (e.g. one training microbatch) and detach after.
 """
@@ -23,6 +25,7 @@ import torch
 from rl_training.errors import ConfigError
 
 RowGrads = Callable[[str, torch.Tensor], None]  # (parameter name, [rows, *param.shape]) -> None
+RowsOut = Callable[[str, int], torch.Tensor]  # (parameter name, rows) -> float32 [rows, *param.shape] to write into
 TokenTerms = Callable[[dict, torch.Tensor, torch.Tensor], None]  # (attrs, x [rows, T, in], δ [rows, T, out]) -> None
 
 
@@ -49,11 +52,11 @@ class LinearCapture:
     in] and δ [rows, T, out] in float32 (attrs: {"weight"|"bias": parameter name})."""
 
     def __init__(self, model: torch.nn.Module, names: set[str], on_rows: RowGrads | None = None,
-                 on_tokens: TokenTerms | None = None):
+                 on_tokens: TokenTerms | None = None, rows_out: RowsOut | None = None):
         if (on_rows is None) == (on_tokens is None):
             raise ValueError("LinearCapture: give exactly one of on_rows and on_tokens")
         self.owners = linear_owners(model, names)
-        self.on_rows, self.on_tokens = on_rows, on_tokens
+        self.on_rows, self.on_tokens, self.rows_out = on_rows, on_tokens, rows_out
         self._handles: list = []
         self.seen: set[str] = set()
         self.error: BaseException | None = None  # raised by the owner after the backward
@@ -102,9 +105,9 @@ class LinearCapture:
             self.on_tokens(attrs, x3, d3)
             self.seen.update(attrs.values())
             return
-        if "weight" in attrs:
-            self.on_rows(attrs["weight"], torch.einsum("bto,bti->boi", d3, x3))
-            self.seen.add(attrs["weight"])
-        if "bias" in attrs:
-            self.on_rows(attrs["bias"], d3.sum(dim=1))
-            self.seen.add(attrs["bias"])
+        for attr, name in attrs.items():
+            out = None if self.rows_out is None else self.rows_out(name, rows)
+            # g_i(W) = Σ_t δ_t x_tᵀ: one batched matmul ('bto,bti->boi'); g_i(b) = Σ_t δ_t
+            g = torch.bmm(d3.transpose(1, 2), x3, out=out) if attr == "weight" else torch.sum(d3, dim=1, out=out)
+            self.on_rows(name, g)
+            self.seen.add(name)

@@ -5,8 +5,10 @@ S is a sequence's log-probability under π_T, the gradient over the trainable Lo
 at θ_k. At a due step, before the update, one probe-owned forward+backward of Σ_i S_i per
 microbatch (eval mode; ``autograd.grad``, so ``.grad`` and DDP are untouched) hands every
 sequence's gradient to the capture engine (``probes/capture.py``): the E-batch (shared with the
-δH probe when the spec is the same: one generation) and U, this rank's training batch. After the
-update the blocks are formed parameter by parameter (``probes/functional/fisher.py``), with the
+δH probe when the spec is the same: one generation) and U, this rank's training batch, kept
+stacked by parameter shape (``StackedRows``). After the update the blocks are formed a shape at
+a time (``probes/functional/fisher.py``: a few launches a shape, where a parameter at a time
+cost six a parameter, 3,025 for the user's Gram against a plain pass's 11,434), with the
 Adam preconditioner D = 1/(√v̂+ε) of this step's update applied once if asked.
 
 Exact within a rank; across ranks each rank sends a seeded Gaussian sketch (k columns) of its
@@ -68,7 +70,6 @@ rows' decisions from the sampler back to the evaluated π_θk, as the δH probe 
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 
 import torch
@@ -121,8 +122,8 @@ class FisherProbe(Probe):
         self.save = bool(o.get("save", True))
         self.cfg, self.world = cfg, ctx.world
         self.names = [n for n, p in ctx.model.named_parameters() if p.requires_grad]
-        self.capture = LinearCapture(ctx.model, set(self.names), on_rows=self._on_rows) if self.mode == "exact" \
-            else LinearCapture(ctx.model, set(self.names), on_tokens=self._on_tokens)
+        self.capture = LinearCapture(ctx.model, set(self.names), on_rows=self._on_rows, rows_out=self._rows_out) \
+            if self.mode == "exact" else LinearCapture(ctx.model, set(self.names), on_tokens=self._on_tokens)
         self._kron: F.KroneckerSketch | None = None  # mode sketch: the sketch of the pass under way
         self.stop_rule = ctx.ebatches.stop_rule(ctx.model)
         params = dict(ctx.model.named_parameters())
@@ -136,7 +137,10 @@ class FisherProbe(Probe):
         self.add_stat("sketched", reduce="max")  # mode sketch: same-rank blocks are sketched too
         for key in ("time_grad_s", "time_kernel_s"):
             self.add_stat(key, reduce="max")
-        self._rows: dict[str, list[torch.Tensor]] = {}
+        self._rows: dict[str, list[torch.Tensor]] = {}  # mode sketch: each parameter's sketches per microbatch
+        self._stacked: F.StackedRows | None = None  # mode exact: the rows, written in place by the hooks
+        self._count: dict[str, int] = {}  # mode exact: rows written per parameter
+        self._row0 = 0  # the first row of the microbatch under capture
         self._F_all: dict[str, torch.Tensor] | None = None  # mode sketch, during the U pass: F of all ranks
         self._dots = torch.zeros(0, dtype=torch.float64)  # mode sketch: the microbatch's ⟨F, ∇S_j⟩
         self._e: dict | None = None  # the E half's result, from the last backward to the U half
@@ -148,15 +152,15 @@ class FisherProbe(Probe):
         over the ranks (this probe's exchange-stat) before ``on_before_optimizer_step``."""
         if ctx.epoch > 0 or not is_last_microbatch(ctx):
             return
-        self._e = self.e_half(ctx.model, self.ebatches.get(ctx.model, ctx.step, self.spec), ctx.step)
+        self._e = self.e_half(ctx.model, self.ebatches.get(ctx.model, ctx.step, self.spec), len(ctx.batch), ctx.step)
 
     def on_before_optimizer_step(self, ctx: StepContext) -> None:
         if ctx.epoch > 0 or self._e is None:
             return
         e, self._e = self._e, None
         self._held = self.u_half(ctx.model, e, ctx.batch)
-        grads = [p.grad.double().pow(2).sum() for p in ctx.trainable().values() if p.grad is not None]
-        norm = float(torch.stack(grads).sum().sqrt()) if grads else 0.0
+        grads = {n: p.grad for n, p in ctx.trainable().items() if p.grad is not None}
+        norm = float(_flat(grads).double().pow(2).sum().sqrt()) if grads else 0.0
         self._held["clip"] = F.clip_coefficient(norm, ctx.cfg.train.grad_clip)
 
     def on_after_optimizer_step(self, ctx: StepContext) -> None:
@@ -168,15 +172,16 @@ class FisherProbe(Probe):
         self.accumulate(held, D, ctx.delta_theta(), scale, ctx.step)
 
     # -------------------------------------------------------------------------- the three parts
-    def e_half(self, model, ebatch, step: int) -> dict:
+    def e_half(self, model, ebatch, n_u: int, step: int) -> dict:
         """Before the update, at θ_k: the E rows' per-sequence gradients (mode sketch: their
-        sketches), and this rank's F = Σ_t w_t ∇f_t, also flat in ``stats["F"]`` to be summed."""
+        sketches) into rows held for them and the ``n_u`` training rows to come, and this rank's
+        F = Σ_t w_t ∇f_t, also flat in ``stats["F"]`` to be summed."""
         t0 = time.perf_counter()
         sketch = F.KroneckerSketch(stable_seed(self.cfg.seed, "fisher-sketch", step), *self.factors) \
             if self.mode == "sketch" else None
-        self._begin_rows(sketch)
+        self._begin_rows(sketch, len(ebatch) + n_u, model)
         F_vec = self._e_pass(model, ebatch if len(ebatch) else None, self._pool_weights(ebatch.prompt))
-        self.stats["F"] = torch.cat([F_vec[n].reshape(-1).double().cpu() for n in self.names])
+        self.stats["F"] = _flat(F_vec, self.names).double().cpu()
         self.stats["time_grad_s"] += time.perf_counter() - t0
         return dict(ebatch=ebatch, F=F_vec)  # the E rows wait in the capture's rows for the U half
 
@@ -186,14 +191,14 @@ class FisherProbe(Probe):
         -> everything ``accumulate`` needs."""
         t0 = time.perf_counter()
         F_all = self._unflatten(self.stats["F"], model) if self.mode == "sketch" else None
-        dots = self._u_pass(model, batch.tensors, F_all)
+        dots = self._u_pass(model, batch.tensors, len(e["ebatch"]), F_all)
         rows = self._end_rows(len(e["ebatch"]) + len(batch))
         self.stats["time_grad_s"] += time.perf_counter() - t0
         return dict(rows=rows, F=e["F"], dots=dots, meta=self._meta(e["ebatch"], batch), texts=self._texts(batch))
 
     def gradients(self, model, ebatch, batch, step: int) -> dict:
         """Both halves at one process (offline; nothing to sum over ranks)."""
-        return self.u_half(model, self.e_half(model, ebatch, step), batch)
+        return self.u_half(model, self.e_half(model, ebatch, len(batch), step), batch)
 
     def accumulate(self, held: dict, D: dict | None, delta: dict, scale: float, step: int) -> None:
         """After the update: this rank's exact block, its sketch (several ranks), ⟨F, Δθ⟩, and
@@ -203,7 +208,7 @@ class FisherProbe(Probe):
         t0 = time.perf_counter()
         local, sketch = self.kernel(held["rows"], D, step)
         self.stats["contrib"].append(self.contributions(held, D, scale))
-        self.stats["pred"] += sum(float((held["F"][n].double() * delta[n].double()).sum()) for n in self.names)
+        self.stats["pred"] += float(_flat(held["F"], self.names).double() @ _flat(delta, self.names).double())
         self.stats["preconditioned"] = float(D is not None)
         self.stats["sketched"] = float(self.mode == "sketch")
         self.stats["local"].append(local)
@@ -220,29 +225,34 @@ class FisherProbe(Probe):
         U rows), this rank's F = Σ_t w_t ∇f_t as a dict, and the U rows' ⟨F_all, ∇S_j⟩ from the
         hooks (mode sketch, given ``F_all``; else None), at the model's current parameters; mode
         sketch: the rows' ``sketch`` [n_E + n_U, columns] (required there)."""
-        self._begin_rows(sketch)
+        n_e = len(ebatch) if ebatch is not None else 0
+        self._begin_rows(sketch, n_e + len(u_tokens.prompt_ids), model)
         F_vec = self._e_pass(model, ebatch, e_weights)
-        dots = self._u_pass(model, u_tokens, F_all)
-        return self._end_rows((len(ebatch) if ebatch is not None else 0) + len(u_tokens.prompt_ids)), F_vec, dots
+        dots = self._u_pass(model, u_tokens, n_e, F_all)
+        return self._end_rows(n_e + len(u_tokens.prompt_ids)), F_vec, dots
 
-    def _begin_rows(self, sketch: F.KroneckerSketch | None) -> None:
+    def _begin_rows(self, sketch: F.KroneckerSketch | None, n_rows: int, model) -> None:
+        """Mode exact: the rows' blocks, allocated once for all ``n_rows`` (E rows, then U rows)."""
         if (sketch is None) != (self.mode == "exact"):
             raise ValueError(f"probe '{self.name}': mode {self.mode} takes {'no' if self.mode == 'exact' else 'a'} sketch")
-        self._kron, self._rows = sketch, {n: [] for n in self.names}
+        self._kron, self._rows, self._count = sketch, {n: [] for n in self.names}, dict.fromkeys(self.names, 0)
+        if self.mode == "exact":
+            params = dict(model.named_parameters())
+            self._stacked = F.StackedRows({n: params[n].shape for n in self.names}, n_rows, params[self.names[0]].device)
 
-    def _end_rows(self, n_rows: int) -> dict[str, torch.Tensor]:
+    def _end_rows(self, n_rows: int) -> F.StackedRows | dict[str, torch.Tensor]:
         for n in self.names:
-            got = sum(len(r) for r in self._rows[n])
+            got = self._count[n] if self.mode == "exact" else sum(len(r) for r in self._rows[n])
             if got != n_rows:
                 raise RuntimeError(f"captured {got} of {n_rows} per-sequence gradients of {n}")
-        rows = {n: torch.cat(self._rows[n]) for n in self.names}
-        self._rows, self._kron = {}, None
+        rows = self._stacked if self.mode == "exact" else {n: torch.cat(self._rows[n]) for n in self.names}
+        self._rows, self._kron, self._stacked = {}, None, None
         return rows
 
     def _e_pass(self, model, ebatch: EBatch | None, e_weights: torch.Tensor) -> dict[str, torch.Tensor]:
         """The E rows into the captured rows; -> F as a dict of float32 tensors."""
         params = [p for n, p in model.named_parameters() if p.requires_grad]
-        F_vec = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in zip(self.names, params)}
+        F_vec = self._unflatten(torch.zeros(sum(p.numel() for p in params), device=params[0].device), model)
         if ebatch is None:
             return F_vec
         e_tokens = ebatch.tensors
@@ -253,7 +263,7 @@ class FisherProbe(Probe):
             # the default), whose own forward then gives it.
             b = self._baseline(model, e_tokens) if len(parts) > 1 else None
             for rows, mb in parts:
-                with self._capturing():
+                with self._capturing(rows.start):
                     terms, stops, mask = self._terms(model, mb)
                     torch.autograd.grad((terms["lp"] * mask).sum(), params, retain_graph=True, allow_unused=True)
                 cont, _, _ = DH.stop_split(mb.completion_ids.to(mask.device), mask, *stops)
@@ -262,22 +272,23 @@ class FisherProbe(Probe):
                                          mask) if b is None else b[rows, : mask.shape[1]].to(mask.device)
                 f = DH.rb_surrogate(terms, cont, mask, b_mb, ls)
                 w = e_weights[rows].to(f.device, f.dtype)
-                for n, g in zip(self.names, torch.autograd.grad((w * f).sum(), params, allow_unused=True)):
-                    if g is not None:
-                        F_vec[n] += g.float()
+                grads = torch.autograd.grad((w * f).sum(), params, allow_unused=True)
+                used = [(F_vec[n], g) for n, g in zip(self.names, grads) if g is not None]
+                torch._foreach_add_([v for v, _ in used], [g.float() for _, g in used])
         return F_vec
 
-    def _u_pass(self, model, u_tokens: policy.TokenBatch, F_all: dict[str, torch.Tensor] | None = None):
-        """The training rows into the captured rows; with ``F_all`` (mode sketch) -> each row's
-        ⟨F_all, ∇S_j⟩ [n_U] float64, contracted in the hooks (the gradient is never formed)."""
+    def _u_pass(self, model, u_tokens: policy.TokenBatch, first_row: int, F_all: dict[str, torch.Tensor] | None = None):
+        """The training rows into the captured rows (from ``first_row`` on); with ``F_all`` (mode
+        sketch) -> each row's ⟨F_all, ∇S_j⟩ [n_U] float64, contracted in the hooks (the gradient
+        is never formed)."""
         params = [p for n, p in model.named_parameters() if p.requires_grad]
         dots = []
         self._F_all = F_all
         try:
             with probe_model(model), torch.enable_grad():
-                for _, mb in policy.microbatches(u_tokens, self.micro):
+                for rows, mb in policy.microbatches(u_tokens, self.micro):
                     self._dots = torch.zeros(len(mb.prompt_ids), dtype=torch.float64, device=params[0].device)
-                    with self._capturing():
+                    with self._capturing(first_row + rows.start):
                         logits = policy.completion_logits(model, *mb, self.cfg.rollout.temperature)
                         lp = policy.token_logprobs(logits, mb.completion_ids)
                         torch.autograd.grad((lp * mb.completion_mask.to(lp.device)).sum(), params, allow_unused=True)
@@ -286,15 +297,13 @@ class FisherProbe(Probe):
             self._F_all = None
         return torch.cat(dots) if F_all is not None else None
 
-    def _unflatten(self, flat: torch.Tensor, model) -> dict[str, torch.Tensor]:
-        """``stats["F"]`` as float32 tensors shaped and placed like the parameters."""
+    def _unflatten(self, flat: torch.Tensor, model, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """A flat vector over ``self.names`` (``stats["F"]``) as views shaped like the parameters,
+        of ``dtype`` on their device: one copy, not one a parameter (each would wait on a GPU)."""
         params = dict(model.named_parameters())
-        out, start = {}, 0
-        for n in self.names:
-            p = params[n]
-            out[n] = flat[start:start + p.numel()].to(p.device, torch.float32).view_as(p)
-            start += p.numel()
-        return out
+        flat = flat.to(params[self.names[0]].device, dtype)
+        sizes = [params[n].numel() for n in self.names]
+        return {n: part.view_as(params[n]) for n, part in zip(self.names, flat.split(sizes))}
 
     def _terms(self, model, mb: policy.TokenBatch):
         """Per-token h, ℓ, P_S (differentiable), the stop sets and the mask of a microbatch; in
@@ -319,8 +328,10 @@ class FisherProbe(Probe):
         return DH.value_baseline(h, ps, e_tokens.completion_mask.double())
 
     @contextlib.contextmanager
-    def _capturing(self):
-        """Capture hooks on the forward (they register the backward's) and one backward."""
+    def _capturing(self, first_row: int):
+        """Capture hooks on the forward (they register the backward's) and one backward, for the
+        rows from ``first_row`` on."""
+        self._row0 = first_row
         self.capture.attach()
         try:
             yield
@@ -329,8 +340,11 @@ class FisherProbe(Probe):
         if self.capture.error is not None:
             raise self.capture.error
 
+    def _rows_out(self, name: str, rows: int) -> torch.Tensor:
+        return self._stacked.destination(name, self._row0, rows)
+
     def _on_rows(self, name: str, rows: torch.Tensor) -> None:
-        self._rows[name].append(rows.float())
+        self._count[name] += len(rows)  # already in place (``_rows_out``)
 
     def _on_tokens(self, attrs: dict[str, str], x: torch.Tensor, delta: torch.Tensor) -> None:
         """Mode sketch: each row's gradient sketched from the hook's x and δ, never formed; with
@@ -341,7 +355,7 @@ class FisherProbe(Probe):
             if self._F_all is not None:
                 f = self._F_all[name]
                 dot = ((x.float() @ f.T) * delta.float()).sum((1, 2)) if attr == "weight" else delta.float().sum(1) @ f
-                self._dots += dot.double()
+                self._dots += dot  # float32 into the float64 sums, one kernel
 
     def _pool_weights(self, prompt: torch.Tensor) -> torch.Tensor:
         """w_t = 1/(n·k_p): the weights of the δH pool mean (whole prompts sit on one rank)."""
@@ -357,19 +371,16 @@ class FisherProbe(Probe):
         if self.mode == "sketch":  # rows are Kronecker sketches already; D is refused in setup
             S = torch.cat([rows[name] for name in self.names], dim=1).cpu()
             return S @ S.T, S if self.world.world_size > 1 else None
-        first = next(iter(rows.values()))
-        # summed where the rows are: one copy to the host, not one wait per parameter on a GPU
-        local = torch.zeros(first.shape[0], first.shape[0], dtype=torch.float64, device=first.device)
-        sketcher = F.GaussianSketch(stable_seed(self.cfg.seed, "fisher-sketch", step), self.k) \
-            if self.world.world_size > 1 else None
-        sketch = torch.zeros(first.shape[0], self.k, dtype=torch.float64) if sketcher else None
-        for name in self.names:
-            G, d = rows[name], None if D is None else D[name]
-            local += F.gram(G, weight=d)
-            if sketcher is not None:  # ⟨D a, b⟩ = ⟨√D a, √D b⟩: sketch √D-scaled rows
-                scaled = G if d is None else G * d.sqrt().to(G.device, G.dtype)
-                sketch += sketcher.project(name, scaled.cpu())
-        return local.cpu(), sketch
+        local = rows.gram(D).cpu()  # summed where the rows are: one copy to the host
+        if self.world.world_size == 1:
+            return local, None
+        sketcher = F.GaussianSketch(stable_seed(self.cfg.seed, "fisher-sketch", step), self.k)
+        sketch = torch.zeros(local.shape[0], self.k, dtype=torch.float64)
+        for name in self.names:  # ⟨D a, b⟩ = ⟨√D a, √D b⟩: sketch √D-scaled rows
+            G = rows[name]
+            scaled = G if D is None else G * D[name].sqrt().to(G.device, G.dtype)
+            sketch += sketcher.project(name, scaled.cpu())
+        return local, sketch
 
     def contributions(self, held: dict, D: dict | None, scale: float) -> torch.Tensor:
         """c_j = scale·A_j·⟨F, D∇S_j⟩ [n_U] float64 of this rank's training sequences, with F the
@@ -379,17 +390,13 @@ class FisherProbe(Probe):
         U = (meta[:, 1] == U_ROW).nonzero().flatten()
         if held["dots"] is not None:
             return scale * meta[U, 4] * held["dots"]
-        device = next(iter(held["rows"].values())).device
-        U_dev, F_all = U.to(device), self.stats["F"].to(device)  # one copy each, not one a parameter
-        dots = torch.zeros(len(U), 1, dtype=torch.float64, device=device)
-        start = 0
-        for name in self.names:
-            rows = held["rows"][name][U_dev]
-            size = math.prod(rows.shape[1:])
-            dots += F.gram(rows, F_all[start:start + size].reshape(1, *rows.shape[1:]),
-                           weight=None if D is None else D[name])
-            start += size
-        return scale * meta[U, 4] * dots[:, 0].cpu()
+        rows: F.StackedRows = held["rows"]
+        if len(U) and int(U[0]) + len(U) != len(meta):
+            raise RuntimeError("the training rows must follow the E rows")
+        flat = self.stats["F"].to(rows[self.names[0]].device, torch.float64)  # one copy, not one a parameter
+        F_all = dict(zip(self.names, flat.split([rows[n][0].numel() for n in self.names])))
+        dots = rows.dot(F_all, slice(len(meta) - len(U), None), D)
+        return scale * meta[U, 4] * dots.cpu()
 
     def _meta(self, ebatch, batch) -> torch.Tensor:
         r, nE, nU = self.world.rank, len(ebatch), len(batch)
@@ -475,3 +482,9 @@ class FisherProbe(Probe):
             self._writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"), filename_suffix=".fisher")
         self._writer.add_image(f"probe/{self.name}/kernel_cosine", heatmap(res), self.step, dataformats="HWC")
         self._writer.flush()
+
+
+def _flat(tensors: dict[str, torch.Tensor], names: list[str] | None = None) -> torch.Tensor:
+    """The tensors (of ``names``, in that order) as one flat vector: one kernel, where a loop over
+    them costs a few a tensor, and a value read back per tensor would stall a GPU each time."""
+    return torch.cat([tensors[n].reshape(-1) for n in (names if names is not None else tensors)])

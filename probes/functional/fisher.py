@@ -1,7 +1,8 @@
 """Fisher kernel K(t,t') = ⟨∇S(t), ∇S(t')⟩ over the trainable parameters (S: sequence log-prob).
 
 Per-sequence gradients arrive parameter by parameter as rows [n, *param.shape] (the capture
-engine), so K is streamed as K = Σ_param gram(rows_param): no [n × total params] matrix is built.
+engine), so K = Σ_param gram(rows_param) and no [n × total params] matrix is built; the probe
+holds them stacked by shape (``StackedRows``) and sums a shape's parameters in one batched matmul.
 With Adam, the preconditioned kernel ⟨D∇S(t), ∇S(t')⟩ carries D = 1/(√v̂ + ε) ONCE, as the
 update direction does (D on both sides would precondition twice).
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterator, Mapping
 
 import torch
 
@@ -22,6 +24,9 @@ import torch
 BLOCK = 2**14
 # Columns per float64 chunk in ``gram``: bounds its float64 copies to ~32 MiB.
 _GRAM_CHUNK = 2**22
+# Elements per float64 chunk of ``StackedRows``: 256 MiB, small beside the rows it reads (GBs where
+# it matters) and few launches (the user's 74 M LoRA parameters × 16 rows: 35 chunks).
+_STACK_CHUNK = 2**25
 
 
 def gram(a: torch.Tensor, b: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -45,6 +50,73 @@ def gram(a: torch.Tensor, b: torch.Tensor | None = None, weight: torch.Tensor | 
             xa = xa * w[s : s + step].to(xa.device, torch.float64)
         out += xa @ B[:, s : s + step].double().T
     return out
+
+
+class StackedRows(Mapping):
+    """Per-sequence gradients {parameter: [n, *shape]} held as one [m, n, *shape] float32 block
+    per shape (the same projection of every layer), so that a sum over the parameters costs a few
+    kernels a shape, not a few a parameter: on a GPU such small ops cost their launches (the
+    user's LoRA has 392 parameters and at most 14 shapes). ``rows[name]`` is a view into its
+    block. The blocks are allocated up front and filled in place (``destination``: the capture
+    hooks' matmuls write there), so holding n rows costs their size and nothing more."""
+
+    def __init__(self, shapes: Mapping[str, tuple], n: int, device: torch.device | str = "cpu"):
+        by_shape: dict[tuple, list[str]] = {}
+        for name, shape in shapes.items():
+            by_shape.setdefault(tuple(shape), []).append(name)
+        self.n = n
+        self.blocks: list[tuple[list[str], torch.Tensor]] = []
+        self._where: dict[str, tuple[int, int]] = {}
+        for shape, names in by_shape.items():
+            for i, name in enumerate(names):
+                self._where[name] = (len(self.blocks), i)
+            self.blocks.append((names, torch.empty(len(names), n, *shape, device=device)))
+
+    def destination(self, name: str, start: int, rows: int) -> torch.Tensor:
+        """The view [rows, *shape] of ``name``'s rows start … start + rows, to be written."""
+        if start + rows > self.n:
+            raise ValueError(f"rows {start}…{start + rows} of {name} past the {self.n} held")
+        return self[name][start:start + rows]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        b, i = self._where[name]
+        return self.blocks[b][1][i]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def gram(self, weight: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """[n, n] float64: Σ_param ``gram(rows[param], weight=weight[param])`` (D once)."""
+        out = torch.zeros(self.n, self.n, dtype=torch.float64, device=self.blocks[0][1].device)
+        for X, w in self._chunks(weight):
+            xw = X if w is None else X * w[:, None, :]
+            out += torch.bmm(xw, X.transpose(1, 2)).sum(0)
+        return out
+
+    def dot(self, vectors: Mapping[str, torch.Tensor], rows: slice = slice(None),
+            weight: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """[rows] float64: Σ_param ⟨D v_param, g_param,j⟩ for the rows j in ``rows``."""
+        first = self.blocks[0][1][:, rows]
+        out = torch.zeros(first.shape[1], dtype=torch.float64, device=first.device)
+        for X, v in self._chunks(vectors, rows, weight):
+            out += torch.bmm(X, v[:, :, None]).sum(0)[:, 0]
+        return out
+
+    def _chunks(self, per_param: Mapping[str, torch.Tensor] | None, rows: slice = slice(None),
+                weight: Mapping[str, torch.Tensor] | None = None):
+        """(X [m, n, c] float64, the per-parameter vectors [m, c] float64 × weight, or None) over
+        every block, c columns at a time."""
+        for names, block in self.blocks:
+            X = block[:, rows].reshape(len(names), -1, math.prod(block.shape[2:]))
+            V = None if per_param is None else torch.stack([per_param[n].reshape(-1) for n in names])
+            if V is not None and weight is not None:
+                V = V.double() * torch.stack([weight[n].reshape(-1) for n in names]).to(V.device, torch.float64)
+            step = max(1, _STACK_CHUNK // max(X.shape[0] * X.shape[1], 1))
+            for s in range(0, X.shape[2], step):
+                yield X[:, :, s:s + step].double(), None if V is None else V[:, s:s + step].to(X.device, torch.float64)
 
 
 def adam_preconditioner(optimizer: torch.optim.Optimizer,

@@ -68,6 +68,67 @@ def test_streamed_kernel_equals_full_kernel():
     torch.testing.assert_close(K, (G * Dv) @ G.T, rtol=1e-12, atol=1e-15)
 
 
+def _stacked(layers: int, micro: list[int], seed: int = 0) -> tuple[F.StackedRows, dict[str, torch.Tensor]]:
+    """``layers`` copies of a LoRA pair and a bias, their rows written microbatch by microbatch
+    into a StackedRows as the capture hooks write them; and the same rows as plain tensors."""
+    shapes = {"A": (4, 6), "B": (5, 4), "bias": (5,)}
+    full = {f"l{layer}.{kind}": _randn(sum(micro), *shape, seed=seed + 31 * layer + len(kind), dtype=torch.float32)
+            for layer in range(layers) for kind, shape in shapes.items()}
+    rows = F.StackedRows({n: g.shape[1:] for n, g in full.items()}, sum(micro))
+    start = 0
+    for m in micro:
+        for n, g in full.items():
+            rows.destination(n, start, m).copy_(g[start:start + m])
+        start += m
+    return rows, full
+
+
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += not func.is_view  # a view launches nothing
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("chunk", [2**25, 7])  # one chunk a shape; a few columns at a time
+@pytest.mark.parametrize("micro", [[7], [3, 4]])
+def test_stacked_rows_gram_and_dot_equal_the_per_parameter_sums(monkeypatch, chunk, micro):
+    monkeypatch.setattr(F, "_STACK_CHUNK", chunk)
+    rows, full = _stacked(3, micro)
+    D = {n: _randn(*g.shape[1:], seed=100 + i).abs() for i, (n, g) in enumerate(full.items())}
+    v = {n: _randn(*g.shape[1:], seed=200 + i) for i, (n, g) in enumerate(full.items())}
+    assert len(rows.blocks) == 3 and sorted(rows) == sorted(full) and len(rows) == 9
+    for n, g in full.items():
+        assert torch.equal(rows[n], g)
+    torch.testing.assert_close(rows.gram(), sum(F.gram(g) for g in full.values()), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rows.gram(D), sum(F.gram(g, weight=D[n]) for n, g in full.items()),
+                               rtol=1e-12, atol=1e-12)
+    want = sum(F.gram(g[2:], v[n].unsqueeze(0), weight=D[n])[:, 0] for n, g in full.items())
+    torch.testing.assert_close(rows.dot(v, slice(2, None), D), want, rtol=1e-12, atol=1e-12)
+    assert rows.dot(v, slice(7, None)).shape == (0,)
+    with pytest.raises(ValueError, match="past the 7 held"):
+        rows.destination("l0.A", 5, 3)
+
+
+def test_stacked_rows_launch_per_shape_not_per_parameter():
+    """The Gram and the contraction with a vector cost their launches per shape, not per
+    parameter (10× the layers: the same count), which is what a GPU pays for these small ops."""
+    launches = []
+    for layers in (4, 40):
+        rows, full = _stacked(layers, [7])
+        v = {n: torch.ones(g.shape[1:]) for n, g in full.items()}
+        with _Ops() as gram_ops:
+            rows.gram()
+        with _Ops() as dot_ops:
+            rows.dot(v)
+        launches.append((gram_ops.n, dot_ops.n))
+    assert launches[0] == launches[1], launches
+    assert launches[0][0] <= 1 + 3 * 4 and launches[0][1] <= 1 + 3 * 6, launches
+
+
 # ---------------------------------------------------------------- Adam preconditioner
 
 
