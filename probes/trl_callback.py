@@ -30,7 +30,10 @@ What carries over, and the limits, probe by probe:
   = ``gradient_accumulation_steps``, TRL's defaults); refused otherwise. Δθ is read from the
   parameters, so TRL's optimizer, schedule and clipping are included exactly. Every completion
   token in the loss: ``top_entropy_quantile`` < 1 and an entropy bonus (``entropy_coef``,
-  ``use_adaptive_entropy``) change the loss's weights, and are refused. Gradient checkpointing
+  ``use_adaptive_entropy``) change the loss's weights, and are refused. With vLLM, TRL's
+  importance-sampling correction weights each token's loss by π_θ/π_vLLM: the figures that take
+  the loss's weights to be Dr-GRPO's (``LOSS_WEIGHTED``) leave them out, and a warning says so.
+  Gradient checkpointing
   and ``bf16=True`` (TRL's defaults) are fine: the probes' passes take off the input-gradient
   hook and accelerate's autocast wrapper of ``forward`` (``probes/evaluation.py``). A checkpoint
   without ``probe_state.pt`` (from a run without this callback) resumes with fresh probe state,
@@ -76,6 +79,24 @@ log = logging.getLogger(__name__)
 
 GROUP_KEY = "probe_group_index"  # added to TRL's batch dict: the prompt group of each row
 STATE_FILE = "probe_state.pt"  # the probes' state, in each of TRL's checkpoint folders
+# What takes every token's loss weight to be Dr-GRPO's, kind -> the figures
+LOSS_WEIGHTED = {"delta_h": "cov_pred", "ess": "the loss-weight ESS", "fisher": "the c_j and contrib_ratio"}
+
+
+def is_correction_warning(args, probes: list[dict]) -> str | None:
+    """With vLLM generation, TRL's importance-sampling correction (its default) multiplies each
+    token's loss by π_θ/π_vLLM, truncated or masked (whole sequences in the default mode): the
+    figures of ``LOSS_WEIGHTED`` then leave those weights out. None where nothing is affected.
+    (Not supported instead: no vLLM here to test TRL's ratios against.)"""
+    if not (getattr(args, "use_vllm", False) and getattr(args, "vllm_importance_sampling_correction", False)):
+        return None
+    hit = [f"{kind}'s {LOSS_WEIGHTED[kind]}" for kind in LOSS_WEIGHTED if kind in {p.get("kind") for p in probes}]
+    if not hit:
+        return None
+    return (f"ProbeCallback: TRL's vLLM importance-sampling correction (mode "
+            f"{getattr(args, 'vllm_importance_sampling_mode', '?')}) weights each token's loss by π_θ/π_vLLM; "
+            f"{', '.join(hit)} take those weights as 1 (δH₁, ΔH, GNS and the Fisher kernel do not use them). "
+            f"vllm_importance_sampling_correction=False makes them exact")
 
 
 class ProbeCallback(TrainerCallback):
@@ -83,6 +104,9 @@ class ProbeCallback(TrainerCallback):
                  stop_strings: tuple[str, ...] = (), strict: bool = False):
         args = trainer.args
         self._check(args)
+        warning = is_correction_warning(args, probes)
+        if warning:
+            log.warning(warning)
         self.trainer = trainer
         acc = trainer.accelerator
         self.world = DistInfo(rank=acc.process_index, world_size=acc.num_processes, local_rank=acc.local_process_index,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import types
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ import torch
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-from probes.trl_callback import ProbeCallback  # noqa: E402
+from probes.trl_callback import ProbeCallback, is_correction_warning  # noqa: E402
 from rl_training.errors import ConfigError  # noqa: E402
 from tests.helpers.runs import REPO, free_port, run_cmd  # noqa: E402
 from tests.helpers.trl_grpo import EVAL, G, PROBES, TRAIN, make_trainer, train_keyed  # noqa: E402
@@ -124,6 +125,19 @@ def test_refuses_what_it_cannot_probe(tmp_path):
             ProbeCallback(make_trainer(tmp_path / "trl", **changed), PROBES, eval_prompts=EVAL)
     with pytest.raises(ConfigError, match="unknown probe kind"):
         ProbeCallback(make_trainer(tmp_path / "trl"), [{"name": "x", "kind": "nope"}], eval_prompts=EVAL)
+
+
+def test_vllm_importance_sampling_correction_is_named_where_it_changes_a_figure():
+    """TRL's vLLM runs weight each token's loss by π_θ/π_vLLM (its default): the figures that take
+    Dr-GRPO's weights are named; δH₁, ΔH and GNS read the real update and are not."""
+    args = types.SimpleNamespace(use_vllm=True, vllm_importance_sampling_correction=True,
+                                 vllm_importance_sampling_mode="sequence_mask")
+    msg = is_correction_warning(args, PROBES)
+    assert msg and "sequence_mask" in msg and "ess's the loss-weight ESS" in msg and "fisher's the c_j" in msg
+    assert "delta_h's cov_pred" in msg
+    assert is_correction_warning(args, [{"name": "gns", "kind": "gns"}]) is None
+    for off in ({"use_vllm": False}, {"vllm_importance_sampling_correction": False}):
+        assert is_correction_warning(types.SimpleNamespace(**{**vars(args), **off}), PROBES) is None
 
 
 def test_a_resumed_run_continues_the_probes_state(tmp_path, monkeypatch, caplog):
