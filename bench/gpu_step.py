@@ -12,9 +12,9 @@ table and writes JSON:
   GPU; its first call, the compilation, is reported apart), alternated; completion tokens/s and
   ms per decode step against the bound of reading every weight once per step at the measured
   copy bandwidth; a compile failure is reported, not fatal;
-- step: our trainer without probes, with δH (B_E 16), with gns + ess, and without probes but
-  with the compiled decode, alternated step by step (four trainers, one model each), medians,
-  each one's extra time over the bare step;
+- step: our trainer without probes, with δH (B_E 16), with gns + ess, with Fisher (mode sketch,
+  B_E 16), and without probes but with the compiled decode, alternated step by step (five
+  trainers, one model each), medians, each one's extra time over the bare step;
 - the rollout–training mismatch our trainer logs (mean and max |Δ log π| per token);
 - TRL 1.16's GRPOTrainer on the same model and work, alternated with ours (``--trl``; needs trl
   and datasets installed);
@@ -66,6 +66,9 @@ TRAINERS = {  # name -> overrides
     "bare": ["probes.probes=[]"],
     "delta_h": ["probes.probes=[{name: delta_h, kind: delta_h, options: {batch_size: 16}}]"],
     "gns_ess": ["probes.probes=[{name: gns, kind: gns}, {name: ess, kind: ess}]"],
+    # the Fisher probe as the user's scale needs it (exact rows: 144 × 74 M floats), every step
+    "fisher_sketch": ["probes.probes=[{name: fisher, kind: fisher, options: {batch_size: 16, mode: sketch, "
+                      "preconditioner: none, save: false}}]"],
     "compiled": ["probes.probes=[]", "rollout.compile_decode=always"],
 }
 
@@ -246,7 +249,7 @@ def table(r: dict) -> str:
     s = r["steps"]
     lines.append(f"| our step, no probes (engine merge_lora={r['engine_merge_lora']}) | {s['bare']['s_median']:.2f} s, "
                  f"rollout {s['bare']['rollout_s_median']:.2f} s, {s['bare']['completion_tokens_per_s']:.0f} tok/s |")
-    for name in ("delta_h", "gns_ess"):
+    for name in ("delta_h", "gns_ess", "fisher_sketch"):
         if name in s:
             lines.append(f"| {name} probe(s), extra / bare step | {s[name]['overhead_of_bare_step']:+.3f} |")
     if "delta_h" in s:

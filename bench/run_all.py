@@ -108,7 +108,8 @@ def rows(results: dict) -> list[tuple[str, str, str]]:
             k = r["kernels"]
             out.append((f"exact Fisher kernel ({r['sequences']} seq.), device kernels / the plain pass's, {model}",
                         f"{r['kernels_kernel_over_plain']:.2f}", f"counted; {k['kernel']} kernels (Gram {k['gram']}) "
-                        f"against {k['plain']}, c_j {k['contributions']} more, {r['captured_modules']} LoRA modules"))
+                        f"against {k['plain']}, c_j {k['contributions']} more, {r['captured_modules']} LoRA modules"
+                        + (f"; mode sketch {k['sketch']} ({k['sketch'] / k['plain']:.2f})" if "sketch" in k else "")))
     return out
 
 

@@ -41,9 +41,11 @@ use ``mode: sketch``.
 There every sequence's gradient is sketched in the capture hooks from x_t and δ_t
 (``KroneckerSketch``: R_outᵀ G R_in per weight, k_out·k_in columns, never forming G), and every
 block, same-rank ones too, is a sketch inner product with variance Σ_param ``kronecker_variance``
-(`exact_frac` 0). The c_j stay exact there: the hooks of the training rows' pass contract each
-sequence's x_t and δ_t with F (summed over the ranks by then), Σ_t δ_t·(F x_t), one matmul a
-module. Adam's D does not factor over that sketch: mode sketch needs ``preconditioner: none``.
+(`exact_frac` 0); the sketches are written in place into float32 rows held like the exact ones
+(one tensor per column count). The c_j stay exact there: the hooks of the training rows' pass
+contract each sequence's x_t and δ_t with F (summed over the ranks by then), Σ_t δ_t·(F x_t),
+two matmuls a module. Adam's D does not factor over that sketch: mode sketch needs
+``preconditioner: none``.
 
 Options: ``batch_size`` (B_E, default 8), ``completions_per_prompt`` (default 2), ``pool``
 (eval | train), ``microbatch_size`` (default train.microbatch_size), ``preconditioner``
@@ -139,9 +141,8 @@ class FisherProbe(Probe):
         self.add_stat("sketched", reduce="max")  # mode sketch: same-rank blocks are sketched too
         for key in ("time_grad_s", "time_kernel_s"):
             self.add_stat(key, reduce="max")
-        self._rows: dict[str, list[torch.Tensor]] = {}  # mode sketch: each parameter's sketches per microbatch
-        self._stacked: F.StackedRows | None = None  # mode exact: the rows, written in place by the hooks
-        self._count: dict[str, int] = {}  # mode exact: rows written per parameter
+        self._stacked: F.StackedRows | None = None  # the rows (mode sketch: their sketches), written in place
+        self._count: dict[str, int] = {}  # rows written per parameter
         self._row0 = 0  # the first row of the microbatch under capture
         self._F_all: dict[str, torch.Tensor] | None = None  # mode sketch, during the U pass: F of all ranks
         self._dots = torch.zeros(0, dtype=torch.float64)  # mode sketch: the microbatch's ⟨F, ∇S_j⟩
@@ -234,21 +235,20 @@ class FisherProbe(Probe):
         return self._end_rows(n_e + len(u_tokens.prompt_ids)), F_vec, dots
 
     def _begin_rows(self, sketch: F.KroneckerSketch | None, n_rows: int, model) -> None:
-        """Mode exact: the rows' blocks, allocated once for all ``n_rows`` (E rows, then U rows)."""
+        """The rows for all ``n_rows`` (E rows, then U rows), allocated once: each parameter's
+        gradient (mode sketch: its sketch, ``sketch.dim`` columns) a row."""
         if (sketch is None) != (self.mode == "exact"):
             raise ValueError(f"probe '{self.name}': mode {self.mode} takes {'no' if self.mode == 'exact' else 'a'} sketch")
-        self._kron, self._rows, self._count = sketch, {n: [] for n in self.names}, dict.fromkeys(self.names, 0)
-        if self.mode == "exact":
-            params = dict(model.named_parameters())
-            self._stacked = F.StackedRows({n: params[n].shape for n in self.names}, n_rows, params[self.names[0]].device)
+        self._kron, self._count = sketch, dict.fromkeys(self.names, 0)
+        params = dict(model.named_parameters())
+        shapes = {n: params[n].shape if sketch is None else (sketch.dim(params[n].shape),) for n in self.names}
+        self._stacked = F.StackedRows(shapes, n_rows, params[self.names[0]].device)
 
-    def _end_rows(self, n_rows: int) -> F.StackedRows | dict[str, torch.Tensor]:
+    def _end_rows(self, n_rows: int) -> F.StackedRows:
         for n in self.names:
-            got = self._count[n] if self.mode == "exact" else sum(len(r) for r in self._rows[n])
-            if got != n_rows:
-                raise RuntimeError(f"captured {got} of {n_rows} per-sequence gradients of {n}")
-        rows = self._stacked if self.mode == "exact" else {n: torch.cat(self._rows[n]) for n in self.names}
-        self._rows, self._kron, self._stacked = {}, None, None
+            if self._count[n] != n_rows:
+                raise RuntimeError(f"captured {self._count[n]} of {n_rows} per-sequence gradients of {n}")
+        rows, self._kron, self._stacked = self._stacked, None, None
         return rows
 
     def _e_pass(self, model, ebatch: EBatch | None, e_weights: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -349,14 +349,22 @@ class FisherProbe(Probe):
         self._count[name] += len(rows)  # already in place (``_rows_out``)
 
     def _on_tokens(self, attrs: dict[str, str], x: torch.Tensor, delta: torch.Tensor) -> None:
-        """Mode sketch: each row's gradient sketched from the hook's x and δ, never formed; with
-        F at hand, also ⟨F, Σ_t δ_t x_tᵀ⟩ = Σ_t δ_t·(F x_t) per row (and ⟨F_b, Σ_t δ_t⟩)."""
+        """Mode sketch: each row's gradient sketched from the hook's x and δ, never formed, into
+        its place in the rows; with F at hand, also ⟨F, Σ_t δ_t x_tᵀ⟩ = Σ_t δ_t·(F x_t) per row
+        (and ⟨F_b, Σ_t δ_t⟩)."""
+        rows = x.shape[0]
         for attr, name in attrs.items():
-            s = self._kron.project_tokens(name, x, delta) if attr == "weight" else self._kron.project(name, delta.sum(1))
-            self._rows[name].append(s)
+            out = self._stacked.destination(name, self._row0, rows)
+            if attr == "weight":
+                self._kron.project_tokens(name, x, delta, out=out)
+            else:
+                self._kron.project(name, delta.sum(1), out=out)
+            self._count[name] += rows
             if self._F_all is not None:
                 f = self._F_all[name]
-                dot = ((x.float() @ f.T) * delta.float()).sum((1, 2)) if attr == "weight" else delta.float().sum(1) @ f
+                # Σ_t δ_t·(F x_t): [rows, 1, T·out] @ [rows, T·out, 1], one batched matmul
+                dot = torch.bmm((x @ f.T).reshape(rows, 1, -1), delta.reshape(rows, -1, 1)).reshape(rows) \
+                    if attr == "weight" else delta.sum(1) @ f
                 self._dots += dot  # float32 into the float64 sums, one kernel
 
     def _pool_weights(self, prompt: torch.Tensor) -> torch.Tensor:
@@ -370,12 +378,11 @@ class FisherProbe(Probe):
     # -------------------------------------------------------------------------- blocks
     def kernel(self, rows: dict[str, torch.Tensor], D: dict[str, torch.Tensor] | None, step: int):
         """(exact local Gram [n, n], sketch [n, k] or None at one rank) of the rows, with D once."""
-        if self.mode == "sketch":  # rows are Kronecker sketches already; D is refused in setup
-            S = torch.cat([rows[name] for name in self.names], dim=1).cpu()
-            return S @ S.T, S if self.world.world_size > 1 else None
         local = rows.gram(D).cpu()  # summed where the rows are: one copy to the host
         if self.world.world_size == 1:
             return local, None
+        if self.mode == "sketch":  # rows are Kronecker sketches already; D is refused in setup
+            return local, torch.cat([rows[name] for name in self.names], dim=1).double().cpu()
         sketcher = F.GaussianSketch(stable_seed(self.cfg.seed, "fisher-sketch", step), self.k)
         sketch = torch.zeros(local.shape[0], self.k, dtype=torch.float64)
         for name in self.names:  # ⟨D a, b⟩ = ⟨√D a, √D b⟩: sketch √D-scaled rows

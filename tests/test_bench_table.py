@@ -29,10 +29,10 @@ def test_table_has_one_row_per_ratio():
     assert "| gns probe, device kernels / the bare step's (outside the rollout), SmolLM2 | 0.013 |" in text
     assert text.count("\n| ") == 1 + 7 and "on cpu (2 CPUs" in text
     counted = {"sequences": 16, "kernels_kernel_over_plain": 1.083, "captured_modules": 392,
-               "kernels": {"kernel": 12386, "gram": 149, "plain": 11434, "contributions": 160}}
+               "kernels": {"kernel": 12386, "gram": 149, "plain": 11434, "contributions": 160, "sketch": 17717}}
     text = run_all.table({**RESULTS, "fisher_kernels_qwen": counted}, INFO)
     assert ("| exact Fisher kernel (16 seq.), device kernels / the plain pass's, Qwen2.5-1.5B shape | 1.08 | counted; "
-            "12386 kernels (Gram 149) against 11434, c_j 160 more, 392 LoRA modules |") in text
+            "12386 kernels (Gram 149) against 11434, c_j 160 more, 392 LoRA modules; mode sketch 17717 (1.55) |") in text
     assert run_all.rows({}) == []
 
 

@@ -227,22 +227,31 @@ class KroneckerSketch:
         """Sketch columns of a parameter of ``shape`` (a weight [out, in] or a bias [out])."""
         return self.k_out * self.k_in if len(shape) == 2 else self.k_out
 
-    def project_tokens(self, name: str, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    def project_tokens(self, name: str, x: torch.Tensor, delta: torch.Tensor,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
         """[rows, k_out·k_in] float64 sketches of Σ_t δ_t x_tᵀ per row, from x [rows, T, in] and
-        δ [rows, T, out] (padding positions have δ = 0)."""
+        δ [rows, T, out] (padding positions have δ = 0); with ``out`` (float32 [rows, k_out·k_in],
+        contiguous) written there in float32 instead, and returned."""
         R_out = self.factor(name, "out", delta.shape[-1], delta.device)
         R_in = self.factor(name, "in", x.shape[-1], x.device)
         u, v = delta.float() @ R_out, x.float() @ R_in  # [rows, T, k_out], [rows, T, k_in]
-        return torch.einsum("bto,bti->boi", u, v).reshape(x.shape[0], -1).double()
+        if out is not None:
+            return torch.bmm(u.transpose(1, 2), v, out=out.view(x.shape[0], self.k_out, self.k_in)).view_as(out)
+        return torch.bmm(u.transpose(1, 2), v).reshape(x.shape[0], -1).double()
 
-    def project(self, name: str, rows: torch.Tensor) -> torch.Tensor:
-        """[n, dim] float64 sketches of formed rows: weights [n, out, in], biases [n, out]."""
+    def project(self, name: str, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[n, dim] float64 sketches of formed rows: weights [n, out, in], biases [n, out]; with
+        ``out`` (float32 [n, dim]) written there in float32 instead, and returned."""
         g = rows.detach().float()
         R_out = self.factor(name, "out", g.shape[1], g.device)
         if g.dim() == 2:
-            return (g @ R_out).double()
-        R_in = self.factor(name, "in", g.shape[2], g.device)
-        return (R_out.T @ g @ R_in).reshape(g.shape[0], -1).double()
+            s = torch.matmul(g, R_out, out=out)
+        else:
+            R_in = self.factor(name, "in", g.shape[2], g.device)
+            s = (R_out.T @ g @ R_in).reshape(g.shape[0], -1)
+            if out is not None:
+                s = out.copy_(s)
+        return s if out is not None else s.double()
 
 
 def kronecker_variance(A: torch.Tensor, B: torch.Tensor, k_out: int, k_in: int) -> float:

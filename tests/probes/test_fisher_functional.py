@@ -305,6 +305,12 @@ def test_kronecker_sketch_from_tokens_is_the_sketch_of_the_formed_gradient():
     assert not torch.allclose(s.project_tokens("n.weight", x, d), got)
     bias = s.project("m.bias", d.sum(1))  # a bias: R_out alone
     torch.testing.assert_close(bias, (d.sum(1) @ s.factor("m.bias", "out", 4)).double())
+    # written in place (the probe's rows): the same values, in float32, in the given rows
+    held = torch.zeros(2, 4, 6)
+    assert s.project_tokens("m.weight", x, d, out=held[1, :3]).data_ptr() == held[1].data_ptr()
+    assert torch.equal(held[1, :3].double(), got) and not held[0].any() and not held[1, 3].any()
+    torch.testing.assert_close(s.project("m.weight", G, out=held[0, 1:]).double(), s.project("m.weight", G))
+    torch.testing.assert_close(s.project("m.bias", d.sum(1), out=torch.empty(3, 3)).double(), bias)
 
 
 def test_kronecker_sketch_inner_products_are_unbiased_with_the_stated_variance():
