@@ -245,8 +245,11 @@ class FisherProbe(Probe):
             raise ValueError(f"probe '{self.name}': mode {self.mode} takes {'no' if self.mode == 'exact' else 'a'} sketch")
         self._kron, self._count = sketch, dict.fromkeys(self.names, 0)
         params = dict(model.named_parameters())
+        device = params[self.names[0]].device
+        if sketch is not None:
+            sketch.prepare({n: params[n].shape for n in self.names}, device)
         shapes = {n: params[n].shape if sketch is None else (sketch.dim(params[n].shape),) for n in self.names}
-        self._stacked = F.StackedRows(shapes, n_rows, params[self.names[0]].device)
+        self._stacked = F.StackedRows(shapes, n_rows, device)
 
     def _end_rows(self, n_rows: int) -> F.StackedRows:
         for n in self.names:

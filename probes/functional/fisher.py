@@ -216,12 +216,32 @@ class KroneckerSketch:
 
     def factor(self, name: str, side: str, d: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """R_side [d, k_side] float32 (side: "out" | "in") on ``device``."""
-        key = (name, side, d, str(device))
+        key = (name, side, d, str(torch.device(device)))
         if key not in self._cache:
-            k = self.k_out if side == "out" else self.k_in
-            gen = torch.Generator().manual_seed(_block_seed(self.seed, f"{name}/{side}", 0))
-            self._cache[key] = (torch.randn(d, k, generator=gen) / math.sqrt(k)).to(device)
+            self._cache[key] = self._draw(name, side, d).to(device)
         return self._cache[key]
+
+    def prepare(self, shapes: Mapping[str, tuple], device: torch.device | str) -> None:
+        """Every factor of these parameters drawn now and moved to ``device`` in ONE copy: drawn
+        one at a time in the hooks, each would be a host-to-device copy of its own (784 a due
+        step at the user's shape)."""
+        keys, host = [], []
+        for name, shape in shapes.items():
+            for side, d in zip(("out", "in"), shape):
+                key = (name, side, d, str(torch.device(device)))
+                if key not in self._cache:
+                    keys.append(key)
+                    host.append(self._draw(name, side, d))
+        if host:
+            flat = torch.cat([h.reshape(-1) for h in host]).to(device)
+            for key, part, h in zip(keys, flat.split([h.numel() for h in host]), host):
+                self._cache[key] = part.view_as(h)
+
+    def _draw(self, name: str, side: str, d: int) -> torch.Tensor:
+        """R_side [d, k_side] float32 on the CPU, from (seed, name, side): the same on every machine."""
+        k = self.k_out if side == "out" else self.k_in
+        gen = torch.Generator().manual_seed(_block_seed(self.seed, f"{name}/{side}", 0))
+        return torch.randn(d, k, generator=gen) / math.sqrt(k)
 
     def dim(self, shape: torch.Size | tuple) -> int:
         """Sketch columns of a parameter of ``shape`` (a weight [out, in] or a bias [out])."""

@@ -313,6 +313,20 @@ def test_kronecker_sketch_from_tokens_is_the_sketch_of_the_formed_gradient():
     torch.testing.assert_close(s.project("m.bias", d.sum(1), out=torch.empty(3, 3)).double(), bias)
 
 
+def test_kronecker_factors_prepared_at_once_are_the_lazy_ones_in_one_storage():
+    """The probe draws a step's factors up front, so that a GPU gets them in one copy: the same
+    R as drawn one at a time in the hooks (the same sketch on every rank either way)."""
+    shapes = {"a.weight": (4, 7), "b.weight": (5, 4), "b.bias": (5,)}
+    ready, lazy = F.KroneckerSketch(3, 3, 2), F.KroneckerSketch(3, 3, 2)
+    ready.prepare(shapes, "cpu")
+    got = [ready.factor(n, side, d) for n, shape in shapes.items() for side, d in zip(("out", "in"), shape)]
+    want = [lazy.factor(n, side, d) for n, shape in shapes.items() for side, d in zip(("out", "in"), shape)]
+    assert len(got) == 5 and all(torch.equal(g, w) for g, w in zip(got, want))
+    assert len({g.untyped_storage().data_ptr() for g in got}) == 1
+    x, d = _randn(2, 3, 7, seed=1, dtype=torch.float32), _randn(2, 3, 4, seed=2, dtype=torch.float32)
+    assert torch.equal(ready.project_tokens("a.weight", x, d), lazy.project_tokens("a.weight", x, d))
+
+
 def test_kronecker_sketch_inner_products_are_unbiased_with_the_stated_variance():
     """Over TRIALS seeds, ⟨s_A, s_B⟩ − ⟨A, B⟩ has mean 0 (4 SE) and ``kronecker_variance``
     (10 %), for correlated, unrelated and equal weight pairs, with unequal k_out and k_in."""
