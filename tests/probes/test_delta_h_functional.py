@@ -1,6 +1,11 @@
 """The δH estimators' building blocks against direct computations."""
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,9 +13,80 @@ from torch.func import jvp
 
 from probes.functional import delta_h as F
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def _rand(*shape, seed, scale=1.0, shift=0.0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale + shift
+
+
+@pytest.mark.parametrize("chunk", [7, 13, 40])  # parts of a row; one row; several rows
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_token_terms_by_chunks_of_positions_are_the_whole_pass_bit_for_bit(monkeypatch, chunk, dtype):
+    """Chunking over positions (to bound the [positions, V] temporaries) changes no value and no
+    forward-mode derivative, with masked logits and position-dependent stops in the batch."""
+    logits, tangent = _rand(3, 4, 6, seed=2).float(), _rand(3, 4, 6, seed=3).float()
+    logits[1, 2, 3] = float("-inf")
+    targets = torch.tensor([[0, 1, 3, 2], [5, 4, 0, 1], [2, 2, 2, 5]])
+    always = torch.tensor([5])
+    extra = torch.zeros(3, 4, 2, dtype=torch.long)
+    extra_mask = torch.zeros(3, 4, 2, dtype=torch.bool)
+    extra[0, 2], extra_mask[0, 2] = torch.tensor([4, 1]), True
+    extra[2, 3, 0], extra_mask[2, 3, 0] = 3, True
+
+    def run():
+        return jvp(lambda z: F.token_terms(z, targets, always, extra, extra_mask, dtype=dtype), (logits,), (tangent,))
+
+    whole = run()
+    monkeypatch.setattr(F, "_TERMS_CHUNK", chunk)
+    chunked = run()
+    for a, b in zip(whole, chunked):
+        for k in ("h", "lp", "ps"):
+            assert a[k].dtype == dtype and a[k].shape == (3, 4)
+            assert torch.equal(a[k], b[k]), k
+
+
+_TERMS_MEMORY = """
+import json, sys, torch
+from torch.func import jvp
+torch.set_num_threads(1)
+from probes.functional import delta_h as F
+L, V = 50, 2**15
+def status_kib(key):
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith(key + ":"))
+growth = {}
+for name, B, chunk in (("whole", 4, 2**40), ("chunked", 4, 2**20), ("chunked_4x", 16, 2**20)):
+    logits, tangent = torch.randn(B, L, V), torch.randn(B, L, V)
+    targets, always = torch.randint(0, V, (B, L)), torch.tensor([0])
+    extra, extra_mask = torch.zeros(B, L, 1, dtype=torch.long), torch.zeros(B, L, 1, dtype=torch.bool)
+    F._TERMS_CHUNK = chunk
+    with open("/proc/self/clear_refs", "w") as f:  # VmHWM back to the current RSS
+        f.write("5")
+    before = status_kib("VmRSS")
+    with torch.no_grad():
+        jvp(lambda z: F.token_terms(z, targets, always, extra, extra_mask), (logits,), (tangent,))
+    growth[name] = (status_kib("VmHWM") - before) / 1024
+    del logits, tangent
+print(json.dumps(growth))
+"""
+
+
+def test_token_terms_peak_memory_is_bounded_by_its_chunk():
+    """Under the forward-mode pass the whole [B, L, V] at once peaks at about ten float64 copies
+    of it (Qwen's vocabulary, 8 × 200 positions: 18 GB); by chunks the peak is the chunk's and
+    does not grow with the positions. In a child process (its own peak); MB."""
+    # Every block of 64 KiB or more mmapped, so that a freed one leaves the RSS at once: glibc's
+    # heap would otherwise keep freed chunks of up to 32 MB, and the peak would vary by run.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-c", _TERMS_MEMORY], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=env)
+    assert out.returncode == 0, out.stderr
+    growth = json.loads(out.stdout)
+    one = 4 * 50 * 2**15 * 8 / 2**20  # MB of one float64 [4, 50, V]: 50
+    # measured: whole 513 MB (ten copies); chunked 80 MB (ten copies of one 8 MB chunk), at 4× the positions too
+    assert growth["whole"] > 5 * one and growth["chunked"] < 2 * one, growth
+    assert growth["chunked_4x"] < growth["chunked"] + 10, growth
 
 
 def test_token_terms_with_masked_logits_are_finite_and_match_a_direct_sum():
