@@ -23,6 +23,7 @@ table and writes JSON:
     python bench/gpu_step.py --shape qwen2.5-1.5b --tokenizer .carry/smollm2_tokenizer --trl --out $OUT/gpu_step.json
     python bench/gpu_step.py --shape qwen2.5-1.5b --tokenizer .carry/smollm2_tokenizer --trainers gns_ess --steps 5
     python bench/gpu_step.py --shape tiny --steps 1 --compile-backend eager --out /tmp/gpu_step.json  # CPU, a minute
+    python bench/gpu_step.py --shape qwen2.5-1.5b --vocab 151936 ...  # the real model's lm_head (ids past the tokenizer's decode to nothing)
 
 The JSON is rewritten after each part (decode, steps, TRL; ``done`` names the last), and
 ``--budget-s`` starts no new round of timed steps past that many seconds, so a run under a time
@@ -73,12 +74,13 @@ TRAINERS = {  # name -> overrides
 }
 
 
-def shape_config(shape: str, tokenizer: Path | None, work: Path) -> tuple[str, list[str]]:
+def shape_config(shape: str, tokenizer: Path | None, work: Path, vocab: int | None = None) -> tuple[str, list[str]]:
     """(config path, overrides) of ``SETTINGS[shape]`` on a random-init model of that shape saved
-    under ``work`` (bf16; float32 for tiny), with ``tokenizer`` (default: SmolLM2's): no hub."""
+    under ``work`` (bf16; float32 for tiny), with ``tokenizer`` (default: SmolLM2's): no hub.
+    ``vocab``: a model vocabulary larger than the tokenizer's (the real Qwen2.5's: 151,936)."""
     tokenizer = tokenizer or save_smollm2_tokenizer(work / "tokenizer")
     dtype = torch.float32 if shape == "tiny" else torch.bfloat16
-    model_dir = save_random_model(tokenizer, work / "model", shape, dtype)
+    model_dir = save_random_model(tokenizer, work / "model", shape, dtype, vocab)
     cfg_path, overrides, _, _ = SETTINGS[shape]
     return str(REPO / cfg_path), [*COMMON, *overrides, f"model.name_or_path={model_dir}", f"output_dir={work / 'runs'}"]
 
@@ -179,6 +181,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SETTINGS), default="qwen2.5-1.5b")
     ap.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder (default: SmolLM2's, from its GGUF)")
+    ap.add_argument("--vocab", type=int, default=None,
+                    help="model vocabulary past the tokenizer's (151936: the real Qwen2.5's lm_head; default: the tokenizer's)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps of each trainer, after one warm-up step")
     ap.add_argument("--decode-reps", type=int, default=2)
     ap.add_argument("--trl", action="store_true", help="also alternate TRL's GRPOTrainer with ours")
@@ -196,7 +200,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="gpu_step_"))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda") if cuda else torch.device("cpu")
-    cfg_path, base = shape_config(args.shape, args.tokenizer, work)
+    cfg_path, base = shape_config(args.shape, args.tokenizer, work, args.vocab)
     base.append(f"rollout.compile_backend={args.compile_backend}")
     _, _, rows, new_tokens = SETTINGS[args.shape]
     world = dist.init("auto", force_collectives=False)
@@ -211,7 +215,7 @@ def main() -> None:
               "versions": {"torch": torch.__version__, "python": platform.python_version()},
               "weight_bytes": params, "copy_bandwidth_bytes_per_s": bandwidth,
               "bound_ms_per_decode_step": 1e3 * params / bandwidth, "rows": rows, "new_tokens": new_tokens,
-              "engine_merge_lora": bare.engine.merge_lora}
+              "engine_merge_lora": bare.engine.merge_lora, "vocab": bare.policy.config.vocab_size}
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def save(done: str) -> None:  # after each part: a run killed at a time limit keeps the parts it finished
@@ -236,7 +240,7 @@ def main() -> None:
 
 
 def table(r: dict) -> str:
-    lines = [f"{r['shape']} on {r['device']}, torch {r['versions']['torch']}: {r['rows']} rows × {r['new_tokens']} "
+    lines = [f"{r['shape']} (vocab {r['vocab']}) on {r['device']}, torch {r['versions']['torch']}: {r['rows']} rows × {r['new_tokens']} "
              f"new tokens; weights {r['weight_bytes'] / 2**30:.2f} GiB, copy bandwidth "
              f"{r['copy_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s, bound {r['bound_ms_per_decode_step']:.2f} ms/step", "",
              "| what | value |", "|---|---|"]

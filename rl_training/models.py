@@ -255,13 +255,18 @@ RANDOM_SHAPES = {
 }
 
 
-def save_random_model(tokenizer_dir: Path, out: Path, shape: str, dtype: torch.dtype = torch.bfloat16) -> Path:
+def save_random_model(tokenizer_dir: Path, out: Path, shape: str, dtype: torch.dtype = torch.bfloat16,
+                      vocab: int | None = None) -> Path:
     """A random-init Qwen2 model of ``RANDOM_SHAPES[shape]`` with the tokenizer of ``tokenizer_dir``,
-    saved to ``out`` (a folder ``model.name_or_path`` can name)."""
+    saved to ``out`` (a folder ``model.name_or_path`` can name). ``vocab``: the model's vocabulary
+    if larger than the tokenizer's (Qwen2.5's 151,936: the embedding and lm_head of the real model;
+    the ids past the tokenizer's decode to nothing)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    config = Qwen2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+    if vocab is not None and vocab < len(tokenizer):
+        raise ModelError(f"vocab {vocab} is smaller than the tokenizer's {len(tokenizer)}")
+    config = Qwen2Config(vocab_size=vocab or len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **RANDOM_SHAPES[shape])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

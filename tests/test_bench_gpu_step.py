@@ -20,12 +20,13 @@ def test_gpu_step_bench_smoke_on_the_tiny_shape(tmp_path):
     out = tmp_path / "gpu_step.json"
     # --budget-s 0: one timed round of the 3 asked for, then TRL, as a run at a device's time limit
     cmd = [sys.executable, "bench/gpu_step.py", "--shape", "tiny", "--steps", "3", "--budget-s", "0", "--decode-reps",
-           "1", "--trl", "--compile-backend", "eager", "--out", str(out)]
+           "1", "--trl", "--compile-backend", "eager", "--vocab", "50000", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert "| decode, LoRA merged |" in proc.stdout and "| ours / TRL, s per step |" in proc.stdout
     assert r["rows"] == 8 and r["new_tokens"] == 16 and r["engine_merge_lora"] is False  # CPU: exact path
+    assert r["vocab"] == 50000  # past the tokenizer's 49,152, as the real Qwen2.5's lm_head is past its tokenizer
     assert r["decode"]["merged, compiled"]["compiled"] is True and r["decode"]["merged, compiled"]["compile_s"] > 0
     for kind in ("merged", "unmerged", "merged, compiled"):
         d = r["decode"][kind]
