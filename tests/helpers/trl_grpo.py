@@ -9,11 +9,13 @@ batches out to the processes in rank order, and gathers them back in that order)
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as tdist
 
 G = 4
 TRAIN = ["What is 2 + 3?", "What is 7 - 4?", "What is 6 + 1?", "What is 9 - 8?",
@@ -95,6 +97,14 @@ def main(out: str, rows: str, accum: str) -> None:
     rank = result["rank"]
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(result["logs"]))
     torch.save(result["lora"], Path(out) / f"rank{rank}.pt")
+    # The trainer (its DDP holds the process group), then the group, while Python is fully alive:
+    # left to interpreter exit, gloo's threads can free the last collectives' tensors during the
+    # teardown, which aborts (exit −6, "terminate called without an active exception"; seen once
+    # in CI after both steps had run; pytorch/pytorch PR 179291 describes it).
+    del result
+    gc.collect()
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
 
 
 if __name__ == "__main__":
