@@ -43,6 +43,14 @@ class StepContext:
     def trainable(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
+    def flat_grad(self) -> tuple[list[str], torch.Tensor]:
+        """(names, float32 vector) of the trainable parameters' gradients, those without one left
+        out, in one concatenation (a loop costs a few kernels a parameter): in
+        ``on_before_optimizer_step``, the synced gradient before clipping."""
+        named = [(n, p.grad) for n, p in self.trainable().items() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for _, g in named]).float() if named else torch.zeros(0)
+        return [n for n, _ in named], flat
+
     def delta_theta(self) -> dict[str, torch.Tensor]:
         """θ_now − θ_k of the real optimizer step(s) (in on_after_optimizer_step only): with
         ppo_epochs > 1, epoch e sees the change of the e + 1 updates made so far in this step."""

@@ -78,6 +78,7 @@ rows' decisions from the sampler back to the evaluated π_θk, as the δH probe 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 
 import torch
@@ -130,6 +131,8 @@ class FisherProbe(Probe):
         self.save = bool(o.get("save", True))
         self.cfg, self.world = cfg, ctx.world
         self.names = [n for n, p in ctx.model.named_parameters() if p.requires_grad]
+        self._shapes = {n: p.shape for n, p in ctx.model.named_parameters() if p.requires_grad}
+        self._device = next(p.device for p in ctx.model.parameters() if p.requires_grad)
         self.capture = LinearCapture(ctx.model, set(self.names), on_rows=self._on_rows, rows_out=self._rows_out) \
             if self.mode == "exact" else LinearCapture(ctx.model, set(self.names), on_tokens=self._on_tokens)
         self._kron: F.KroneckerSketch | None = None  # mode sketch: the sketch of the pass under way
@@ -166,8 +169,7 @@ class FisherProbe(Probe):
             return
         e, self._e = self._e, None
         self._held = self.u_half(ctx.model, e, ctx.batch)
-        grads = {n: p.grad for n, p in ctx.trainable().items() if p.grad is not None}
-        norm = float(_flat(grads).double().pow(2).sum().sqrt()) if grads else 0.0
+        norm = float(ctx.flat_grad()[1].pow(2).sum(dtype=torch.float64).sqrt())
         self._held["clip"] = F.clip_coefficient(norm, ctx.cfg.train.grad_clip)
 
     def on_after_optimizer_step(self, ctx: StepContext) -> None:
@@ -187,17 +189,17 @@ class FisherProbe(Probe):
         sketch = F.KroneckerSketch(stable_seed(self.cfg.seed, "fisher-sketch", step), *self.factors) \
             if self.mode == "sketch" else None
         self._begin_rows(sketch, len(ebatch) + n_u, model)
-        F_vec = self._e_pass(model, ebatch if len(ebatch) else None, self._pool_weights(ebatch.prompt))
-        self.stats["F"] = _flat(F_vec, self.names).double().cpu()
+        F_flat = self._e_pass(model, ebatch if len(ebatch) else None, self._pool_weights(ebatch.prompt))
+        self.stats["F"] = F_flat.double().cpu()
         self.stats["time_grad_s"] += time.perf_counter() - t0
-        return dict(ebatch=ebatch, F=F_vec)  # the E rows wait in the capture's rows for the U half
+        return dict(ebatch=ebatch, F=F_flat)  # the E rows wait in the capture's rows for the U half
 
     def u_half(self, model, e: dict, batch) -> dict:
         """Still at θ_k, after ``e_half``: the training batch's rows; mode sketch: also each row's
         ⟨F, ∇S_j⟩ with ``stats["F"]`` (by now summed over the ranks), from the hooks' x and δ.
         -> everything ``accumulate`` needs."""
         t0 = time.perf_counter()
-        F_all = self._unflatten(self.stats["F"], model) if self.mode == "sketch" else None
+        F_all = self._unflatten(self.stats["F"]) if self.mode == "sketch" else None
         dots = self._u_pass(model, batch.tensors, len(e["ebatch"]), F_all)
         rows = self._end_rows(len(e["ebatch"]) + len(batch))
         self.stats["time_grad_s"] += time.perf_counter() - t0
@@ -215,7 +217,7 @@ class FisherProbe(Probe):
         t0 = time.perf_counter()
         local, sketch = self.kernel(held["rows"], D, step)
         self.stats["contrib"].append(self.contributions(held, D, scale))
-        self.stats["pred"] += float(_flat(held["F"], self.names).double() @ _flat(delta, self.names).double())
+        self.stats["pred"] += float(held["F"].double() @ torch.cat([delta[n].reshape(-1) for n in self.names]).double())
         self.stats["preconditioned"] = float(D is not None)
         self.stats["sketched"] = float(self.mode == "sketch")
         self.stats["local"].append(local)
@@ -229,14 +231,14 @@ class FisherProbe(Probe):
     def sequence_gradients(self, model, ebatch: EBatch | None, u_tokens: policy.TokenBatch, e_weights: torch.Tensor,
                            sketch: F.KroneckerSketch | None = None, F_all: dict[str, torch.Tensor] | None = None):
         """Both passes at one process: per-row ∇S [n_E + n_U, *shape] per parameter (E rows, then
-        U rows), this rank's F = Σ_t w_t ∇f_t as a dict, and the U rows' ⟨F_all, ∇S_j⟩ from the
+        U rows), this rank's F = Σ_t w_t ∇f_t (flat over ``self.names``), and the U rows' ⟨F_all, ∇S_j⟩ from the
         hooks (mode sketch, given ``F_all``; else None), at the model's current parameters; mode
         sketch: the rows' ``sketch`` [n_E + n_U, columns] (required there)."""
         n_e = len(ebatch) if ebatch is not None else 0
         self._begin_rows(sketch, n_e + len(u_tokens.prompt_ids), model)
-        F_vec = self._e_pass(model, ebatch, e_weights)
+        F_flat = self._e_pass(model, ebatch, e_weights)
         dots = self._u_pass(model, u_tokens, n_e, F_all)
-        return self._end_rows(n_e + len(u_tokens.prompt_ids)), F_vec, dots
+        return self._end_rows(n_e + len(u_tokens.prompt_ids)), F_flat, dots
 
     def _begin_rows(self, sketch: F.KroneckerSketch | None, n_rows: int, model) -> None:
         """The rows for all ``n_rows`` (E rows, then U rows), allocated once: each parameter's
@@ -258,13 +260,12 @@ class FisherProbe(Probe):
         rows, self._kron, self._stacked = self._stacked, None, None
         return rows
 
-    def _e_pass(self, model, ebatch: EBatch | None, e_weights: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The E rows into the captured rows; -> F as a dict of float32 tensors."""
+    def _e_pass(self, model, ebatch: EBatch | None, e_weights: torch.Tensor) -> torch.Tensor:
+        """The E rows into the captured rows; -> F, float32 and flat over ``self.names``."""
         params = [p for n, p in model.named_parameters() if p.requires_grad]
         flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
-        F_vec = self._unflatten(flat, model)  # views of flat
         if ebatch is None:
-            return F_vec
+            return flat
         e_tokens = ebatch.tensors
         with probe_model(model), torch.enable_grad():
             parts = list(policy.microbatches(e_tokens, self.micro))
@@ -284,7 +285,7 @@ class FisherProbe(Probe):
                 w = e_weights[rows].to(f.device, f.dtype)
                 grads = torch.autograd.grad((w * f).sum(), params, materialize_grads=True)
                 flat += torch.cat([g.reshape(-1) for g in grads])  # one add, not one a parameter
-        return F_vec
+        return flat
 
     def _u_pass(self, model, u_tokens: policy.TokenBatch, first_row: int, F_all: dict[str, torch.Tensor] | None = None):
         """The training rows into the captured rows (from ``first_row`` on); with ``F_all`` (mode
@@ -306,13 +307,11 @@ class FisherProbe(Probe):
             self._F_all = None
         return torch.cat(dots) if F_all is not None else None
 
-    def _unflatten(self, flat: torch.Tensor, model, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    def _unflatten(self, flat: torch.Tensor, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """A flat vector over ``self.names`` (``stats["F"]``) as views shaped like the parameters,
         of ``dtype`` on their device: one copy, not one a parameter (each would wait on a GPU)."""
-        params = dict(model.named_parameters())
-        flat = flat.to(params[self.names[0]].device, dtype)
-        sizes = [params[n].numel() for n in self.names]
-        return {n: part.view_as(params[n]) for n, part in zip(self.names, flat.split(sizes))}
+        parts = flat.to(self._device, dtype).split([math.prod(shape) for shape in self._shapes.values()])
+        return {n: part.view(shape) for (n, shape), part in zip(self._shapes.items(), parts)}
 
     def _terms(self, model, mb: policy.TokenBatch):
         """Per-token h, ℓ, P_S (differentiable), the stop sets and the mask of a microbatch; in
@@ -409,9 +408,7 @@ class FisherProbe(Probe):
         rows: F.StackedRows = held["rows"]
         if len(U) and int(U[0]) + len(U) != len(meta):
             raise RuntimeError("the training rows must follow the E rows")
-        flat = self.stats["F"].to(rows[self.names[0]].device, torch.float64)  # one copy, not one a parameter
-        F_all = dict(zip(self.names, flat.split([rows[n][0].numel() for n in self.names])))
-        dots = rows.dot(F_all, slice(len(meta) - len(U), None), D)
+        dots = rows.dot(self._unflatten(self.stats["F"], torch.float64), slice(len(meta) - len(U), None), D)
         return scale * meta[U, 4] * dots.cpu()
 
     def _meta(self, ebatch, batch) -> torch.Tensor:
@@ -499,8 +496,3 @@ class FisherProbe(Probe):
         self._writer.add_image(f"probe/{self.name}/kernel_cosine", heatmap(res), self.step, dataformats="HWC")
         self._writer.flush()
 
-
-def _flat(tensors: dict[str, torch.Tensor], names: list[str] | None = None) -> torch.Tensor:
-    """The tensors (of ``names``, in that order) as one flat vector: one kernel, where a loop over
-    them costs a few a tensor, and a value read back per tensor would stall a GPU each time."""
-    return torch.cat([tensors[n].reshape(-1) for n in (names if names is not None else tensors)])

@@ -154,16 +154,14 @@ class GnsProbe(Probe):
         if ctx.epoch > 0:
             return
         assert not self._open, "a group's rows did not all pass through the backward"
-        named = [(n, p.grad) for n, p in ctx.trainable().items() if p.grad is not None]
-        # one flat vector, so a model of hundreds of adapter matrices costs a few kernels, not 3 each
-        flat = torch.cat([g.reshape(-1) for _, g in named]).float() if named else torch.zeros(0)
+        names, flat = ctx.flat_grad()
         self.stats["g2"] = float(flat.pow(2).sum(dtype=torch.float64))
         self.stats["sq_members"] += float(self._sq_members)
         self.stats["sq_groups"] += float(self._sq_groups)
         self.stats["adam"] = float(self._D is not None)
         if self._D is not None:
             self.stats["sq_groups_adam"] += float(self._sq_groups_adam)
-            D = torch.cat([self._D[n] for n, _ in named]) if named else flat
+            D = torch.cat([self._D[n] for n in names]) if names else flat
             self.stats["g2_adam"] = float((flat.pow(2) * D).sum(dtype=torch.float64))
         st = ctx.batch.stats
         self.stats["groups"] += float(st.groups)

@@ -164,6 +164,7 @@ def test_shuffled_groups_across_uneven_microbatches_without_device_stalls(monkey
     and must be in the short last one too)."""
     from types import SimpleNamespace
 
+    from probes.base import StepContext
     from probes.capture import LinearCapture
     from probes.gns import GnsProbe
 
@@ -203,8 +204,8 @@ def test_shuffled_groups_across_uneven_microbatches_without_device_stalls(monkey
     monkeypatch.setattr(GnsProbe, "on_after_backward", logged_after)
     for i, start in enumerate(range(0, rows, 5)):
         sel = slice(start, start + 5)
-        ctx = SimpleNamespace(epoch=0, microbatch_index=i, batch=batch, cfg=cfg, microbatch=group_index[sel],
-                              optimizer=None, trainable=lambda: params)
+        ctx = StepContext(step=1, model=model, optimizer=None, lr=0.0, batch=batch, world=SimpleNamespace(world_size=1),
+                          cfg=cfg, microbatch=group_index[sel], microbatch_index=i)
         probe.on_before_microbatch(ctx)
         row_losses(sel).sum().backward()
         probe.on_after_backward(ctx)
