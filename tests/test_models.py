@@ -293,6 +293,30 @@ def test_gguf_conversion_is_cached_plain_and_exact(tiny_gguf, tmp_path, monkeypa
     load_tokenizer_and_model(ModelSpec(str(tiny_gguf)))
 
 
+def test_gguf_tokenizer_takes_its_specials_and_whole_tokens_from_the_file(tiny_gguf, monkeypatch):
+    # transformers 5.17 read the file this way: eos set to the bos, no pad, and the user-defined
+    # <think> tags left to BPE (which splits them). The file's own metadata must win.
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    read = AutoTokenizer.from_pretrained(str(tiny_gguf.parent), gguf_file=tiny_gguf.name)
+
+    def misread(*args, **kwargs):
+        spec = json.loads(read.backend_tokenizer.to_str())
+        spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] not in models.THINK_TAGS]
+        return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token="<|bos|>",
+                                       eos_token="<|bos|>")
+
+    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", misread)
+    wrong = misread()
+    assert wrong.pad_token is None and wrong("<think>").input_ids != read("<think>").input_ids  # the fault is real
+    tok = models._gguf_tokenizer(tiny_gguf)
+    ref, _ = load_tokenizer_and_model(ModelSpec("tiny-random", seed=7))
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|bos|>", "<|eos|>", "<|pad|>")
+    assert (tok.eos_token_id, tok.pad_token_id) == (ref.eos_token_id, ref.pad_token_id)
+    assert tok(PROMPT).input_ids == ref(PROMPT).input_ids and len(tok) == len(read)
+
+
 def test_gguf_conversion_is_atomic(tiny_gguf, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     folder = models.gguf_cache_folder(tiny_gguf, cache)
