@@ -111,6 +111,7 @@ def test_contributions_sum_to_delta_h_of_the_real_update(monkeypatch, optimizer,
     lr = tr.lr_scheduler.get_last_lr()[0]
     if optimizer == "sgd":
         tr.optimizer = torch.optim.SGD(list(tr.trainable.values()), lr=lr)
+        tr.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(tr.optimizer, lambda _: 1.0)  # steps the SGD, same lr
     out = tr.train_step().metrics
     assert out["probe/fk/preconditioned"] == float(optimizer == "adamw")
     assert out["probe/fk/pred"] == pytest.approx(out["probe/dh/pred"], rel=1e-5)
