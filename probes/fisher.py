@@ -21,8 +21,9 @@ at k = 512, minutes for an adapter of tens of millions (there: mode sketch).
 
 The contributions c_j below stay exact at any number of ranks: the E half runs after the step's
 last training backward, its F (one vector the size of the trainable parameters) is summed over
-the ranks right then (an ``exchange`` stat: one all_reduce at due steps), and each rank meets
-its own training sequences with it. Through
+the ranks right then (an ``exchange`` stat: one all_reduce at due steps, on the GPU where the
+rank computes: at the user's shape F is 74 M float64, 592 MB), and each rank meets its own
+training sequences with it. Through
 sketches instead, ⟨F_r', D∇S_j⟩ of two near-orthogonal vectors would carry noise ~|F||∇S_j|/√k,
 far above the signal at LoRA's dimension.
 
@@ -190,7 +191,7 @@ class FisherProbe(Probe):
             if self.mode == "sketch" else None
         self._begin_rows(sketch, len(ebatch) + n_u, model)
         F_flat = self._e_pass(model, ebatch if len(ebatch) else None, self._pool_weights(ebatch.prompt))
-        self.stats["F"] = F_flat.double().cpu()
+        self.stats["F"] = F_flat.double()  # where it was computed: the exchange sums it there
         self.stats["time_grad_s"] += time.perf_counter() - t0
         return dict(ebatch=ebatch, F=F_flat)  # the E rows wait in the capture's rows for the U half
 
@@ -302,10 +303,10 @@ class FisherProbe(Probe):
                         logits = policy.completion_logits(model, *mb, self.cfg.rollout.temperature)
                         lp = policy.token_logprobs(logits, mb.completion_ids)
                         torch.autograd.grad((lp * mb.completion_mask.to(lp.device)).sum(), params, allow_unused=True)
-                    dots.append(self._dots.cpu())
+                    dots.append(self._dots)
         finally:
             self._F_all = None
-        return torch.cat(dots) if F_all is not None else None
+        return torch.cat(dots).cpu() if F_all is not None else None  # one read-back, not one a microbatch
 
     def _unflatten(self, flat: torch.Tensor, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """A flat vector over ``self.names`` (``stats["F"]``) as views shaped like the parameters,

@@ -32,7 +32,7 @@ import traceback
 import torch
 
 from probes.base import Probe, SetupContext, StepContext, is_last_microbatch
-from probes.stats import StatSet
+from probes.stats import CPU, StatSet
 from rl_training.errors import ConfigError, import_dotted
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ class ProbeManager:
         due = [p for p in self._due if p.statset.names("exchange")]
         if not due:
             return
-        slots = [self._pack_slot(p, "exchange") for p in due]
+        slots = [self._pack_slot(p, "exchange", world.device) for p in due]
         flat = world.all_reduce_sum(torch.cat(slots))
         start = 0
         for p, slot in zip(due, slots):
@@ -216,15 +216,15 @@ class ProbeManager:
         self._due = []
         return out
 
-    def _pack_slot(self, p: Probe, kind: str) -> torch.Tensor:
-        """p's stats of one reduction as a float64 vector of the size its declaration fixes;
-        zeros (and p marked failed) if it failed earlier or its stats do not fit."""
+    def _pack_slot(self, p: Probe, kind: str, device: torch.device = CPU) -> torch.Tensor:
+        """p's stats of one reduction as a float64 vector on ``device`` of the size its declaration
+        fixes; zeros (and p marked failed) if it failed earlier or its stats do not fit."""
         if p.name not in self._failed:
             try:
-                return p.statset.pack(kind)
+                return p.statset.pack(kind, device)
             except Exception:
                 self._fail(p, f"packing its {kind}-stats")
-        return p.statset.zeros(kind)
+        return p.statset.zeros(kind, device)
 
     def _pack_cats(self, p: Probe) -> dict[str, list[torch.Tensor]]:
         if p.name not in self._failed:

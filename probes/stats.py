@@ -8,7 +8,9 @@ concatenated into one buffer per reduction (probes/manager.py) and reduced at on
 ``exchange`` is a sum taken earlier: right after the last microbatch's ``on_after_backward``
 of the step's first PPO epoch, for a quantity a probe needs summed over every rank before the
 update (the Fisher probe's E-side vector F, so that each rank's training sequences meet the
-whole F exactly). Every other reduction happens once, after the step.
+whole F exactly). It is packed where the rank computes (``DistInfo.device``): F has as many
+entries as the trainable parameters (74 M at the user's shape), and a GPU's F stays there, not
+crossing to the host and back. Every other reduction happens once, after the step, on the CPU.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import torch
 
 REDUCTIONS = ("sum", "max", "min", "cat", "exchange")
+CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -59,19 +62,20 @@ class StatSet:
     def size(self, reduce: str) -> int:
         return sum(self.declared[n].size for n in self.names(reduce))
 
-    def pack(self, reduce: str) -> torch.Tensor:
-        """The values of one reduction as a float64 CPU vector of the declared size; raises if a
-        value does not fit its declaration."""
+    def pack(self, reduce: str, device: torch.device = CPU) -> torch.Tensor:
+        """The values of one reduction as a float64 vector of the declared size on ``device``;
+        raises if a value does not fit its declaration."""
         parts = []
         for n in self.names(reduce):
-            flat = torch.as_tensor(self.values[n], dtype=torch.float64).detach().cpu().reshape(-1)
+            flat = torch.as_tensor(self.values[n], dtype=torch.float64).detach().to(device).reshape(-1)
             if flat.numel() != self.declared[n].size:
                 raise ValueError(f"stat {n!r} has {flat.numel()} values, declared {self.declared[n].size}")
             parts.append(flat)
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)
 
     def unpack(self, reduce: str, flat: torch.Tensor) -> None:
-        """Write reduced values back: floats stay floats, tensors take their declared shape (float64)."""
+        """Write reduced values back: floats stay floats, tensors take their declared shape (float64,
+        on ``flat``'s device)."""
         offset = 0
         for n in self.names(reduce):
             default = self.declared[n].default
@@ -82,5 +86,5 @@ class StatSet:
     def pack_cats(self) -> dict[str, list[torch.Tensor]]:
         return {n: [torch.as_tensor(t).detach().cpu() for t in self.values[n]] for n in self.names("cat")}
 
-    def zeros(self, reduce: str) -> torch.Tensor:
-        return torch.zeros(self.size(reduce), dtype=torch.float64)
+    def zeros(self, reduce: str, device: torch.device = CPU) -> torch.Tensor:
+        return torch.zeros(self.size(reduce), dtype=torch.float64, device=device)

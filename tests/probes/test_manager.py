@@ -19,6 +19,7 @@ class CountingWorld:
 
     world_size: int = 2
     rank: int = 0
+    device: torch.device = torch.device("cpu")
     calls: dict = field(default_factory=lambda: {"sum": 0, "max": 0, "min": 0, "gather": 0})
 
     def all_reduce_sum(self, t):
@@ -119,6 +120,8 @@ class ThreadWorld:
     """Rank ``rank`` of a world of threads: each collective waits for every rank, checks that all
     called the same operation with the same tensor shape (what gloo/nccl need to not hang or
     mix up buffers), then hands each rank the reduced result."""
+
+    device = torch.device("cpu")
 
     def __init__(self, shared: dict, rank: int, world_size: int):
         self.shared, self.rank, self.world_size = shared, rank, world_size
@@ -248,6 +251,23 @@ def test_exchange_takes_one_collective_after_the_last_backward_of_ppo_epoch_0_at
                                                     num_microbatches=3))
                 assert world.calls["sum"] == (exchanges if (epoch, i) >= (0, 2) else 0), (step, epoch, i)
         m.reduce(world)
+
+
+def test_exchange_stats_are_summed_where_the_rank_computes():
+    # The Fisher probe's F has one entry per trainable parameter: on a GPU it must not cross to
+    # the host and back. "meta" stands for the rank's device: any host copy would fail here.
+    from types import SimpleNamespace
+
+    from tests.helpers.toy_probes import ExchangeProbe
+
+    m = ProbeManager([ExchangeProbe("x", 1)])
+    world = CountingWorld(device=torch.device("meta"))
+    sent = []
+    world.all_reduce_sum = lambda t: sent.append(t.device) or t
+    m.setup(SetupContext(None, world, None, None, {}))
+    m.begin_step(1)
+    m.on_after_backward(SimpleNamespace(step=1, epoch=0, world=world, microbatch_index=0, num_microbatches=1))
+    assert sent == [torch.device("meta")] and m.probes[0].stats["v"].device == torch.device("meta")
 
 
 def test_a_probe_failing_before_its_exchange_on_one_rank_is_disabled_everywhere_without_a_hang():
