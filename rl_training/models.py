@@ -251,28 +251,39 @@ def _tiny_random(seed: int) -> tuple[PreTrainedTokenizerFast, LlamaForCausalLM]:
 # Random-init models of a named shape (benchmarks and GPU checks need the shape and dtype, not
 # the weights; no hub): Qwen2.5-1.5B's (config.json of the hub model), and a 2-layer one of the
 # same family for CPU smoke runs. The vocabulary is the tokenizer's.
-RANDOM_SHAPES = {
-    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+RANDOM_SHAPES = {  # the architecture (model_type) and the config of each named shape
+    "qwen2.5-1.5b": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                          num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
                          tie_word_embeddings=True),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    # SmolLM2-135M-Instruct's (the demo's model), for GPUs, where its GGUF cannot be carried
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=1e5,
+                         rms_norm_eps=1e-5, tie_word_embeddings=True),
+    "tiny": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True),
 }
 
 
+def random_config(tokenizer: PreTrainedTokenizerBase, shape: str, vocab: int | None = None):
+    """The config of ``RANDOM_SHAPES[shape]`` with ``tokenizer``'s special tokens (``save_random_model``)."""
+    from transformers import AutoConfig
+
+    if vocab is not None and vocab < len(tokenizer):
+        raise ModelError(f"vocab {vocab} is smaller than the tokenizer's {len(tokenizer)}")
+    settings = dict(RANDOM_SHAPES[shape])
+    return AutoConfig.for_model(settings.pop("model_type"), vocab_size=vocab or len(tokenizer),
+                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id, **settings)
+
+
 def save_random_model(tokenizer_dir: Path, out: Path, shape: str, dtype: torch.dtype = torch.bfloat16,
                       vocab: int | None = None) -> Path:
-    """A random-init Qwen2 model of ``RANDOM_SHAPES[shape]`` with the tokenizer of ``tokenizer_dir``,
+    """A random-init model of ``RANDOM_SHAPES[shape]`` with the tokenizer of ``tokenizer_dir``,
     saved to ``out`` (a folder ``model.name_or_path`` can name). ``vocab``: the model's vocabulary
     if larger than the tokenizer's (Qwen2.5's 151,936: the embedding and lm_head of the real model;
     the ids past the tokenizer's decode to nothing)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
-
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    if vocab is not None and vocab < len(tokenizer):
-        raise ModelError(f"vocab {vocab} is smaller than the tokenizer's {len(tokenizer)}")
-    config = Qwen2Config(vocab_size=vocab or len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **RANDOM_SHAPES[shape])
+    config = random_config(tokenizer, shape, vocab)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -376,3 +376,15 @@ def test_smollm2_lora_fwd_bwd():
     tok, model = load_tokenizer_and_model(ModelSpec("smollm2-135m-instruct"))
     peft_model = apply_lora(model, r=4, alpha=8.0, dropout=0.0, target_modules=["q_proj", "v_proj"])
     _lora_fwd_bwd(peft_model, tok)
+
+
+def test_the_random_smollm2_shape_is_the_real_models(smollm2):
+    # GPU benches build it where the GGUF cannot be carried: every size must be SmolLM2's.
+    tok, model = smollm2
+    real, random = model.config, models.random_config(tok, "smollm2-135m")
+    assert type(random) is type(real)
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "max_position_embeddings", "tie_word_embeddings", "vocab_size", "eos_token_id", "bos_token_id"):
+        assert getattr(random, key) == getattr(real, key), key
+    assert random.rope_parameters["rope_theta"] == real.rope_parameters["rope_theta"]
+    assert random.rms_norm_eps == pytest.approx(real.rms_norm_eps)
