@@ -140,8 +140,10 @@ class FisherProbe(Probe):
         self.stop_rule = ctx.ebatches.stop_rule(ctx.model)
         params = dict(ctx.model.named_parameters())
         # F over every rank's E rows: each rank's share, summed between the last backward and the update.
-        self.add_stat("F", torch.zeros(sum(params[n].numel() for n in self.names), dtype=torch.float64),
-                      reduce="exchange")
+        # Declared on the meta device (its size, no storage): a due step sets it where it is computed,
+        # and a host default would hold 592 MB (twice, with the reset's copy) at the user's shape.
+        self.add_stat("F", torch.zeros(sum(params[n].numel() for n in self.names), dtype=torch.float64,
+                                       device="meta"), reduce="exchange")
         for key in ("local", "sketch", "meta", "texts", "contrib"):
             self.add_stat(key, reduce="cat")
         self.add_stat("pred")

@@ -120,6 +120,18 @@ def test_contributions_sum_to_delta_h_of_the_real_update(monkeypatch, optimizer,
     assert tr.probes.probes[0].ebatches.generations == 1, "δH and Fisher share one E-batch"
 
 
+def test_f_is_declared_without_storage_and_summed_where_it_is_computed():
+    """F's declaration holds its size only (a host default would be 592 MB at the user's shape):
+    the due step sets it, and the exchange sums that value."""
+    tr = _session(FISHER_ONLY).trainer
+    probe = tr.probes.probes[0]
+    assert probe.statset.declared["F"].default.is_meta
+    tr.train_step()
+    F = probe.stats["F"]
+    assert F.device.type == "cpu" and F.numel() == sum(p.numel() for p in tr.trainable.values())
+    assert float(F.abs().sum()) > 0
+
+
 def test_blocks_and_top_sequences_are_written(tmp_path):
     run = run_in_process(tmp_path, "train.total_steps=1",
                          "probes.probes=[{name: fk, kind: fisher, options: {batch_size: 8, top_eigenvalues: 3}}]")
