@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from rl_training import dist
+
 REDUCTIONS = ("sum", "max", "min", "cat", "exchange")
 CPU = torch.device("cpu")
 
@@ -67,7 +69,7 @@ class StatSet:
         raises if a value does not fit its declaration."""
         parts = []
         for n in self.names(reduce):
-            flat = torch.as_tensor(self.values[n], dtype=torch.float64).detach().to(device).reshape(-1)
+            flat = dist.to_device(torch.as_tensor(self.values[n], dtype=torch.float64).detach(), device).reshape(-1)
             if flat.numel() != self.declared[n].size:
                 raise ValueError(f"stat {n!r} has {flat.numel()} values, declared {self.declared[n].size}")
             parts.append(flat)

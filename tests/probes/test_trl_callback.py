@@ -200,5 +200,10 @@ def test_two_processes_log_what_one_process_logs_on_the_same_generation_batch(tm
         assert (a["probe/fisher/n_E"], a["probe/fisher/n_U"]) == (b["probe/fisher/n_E"], b["probe/fisher/n_U"])
     assert logs[0][0]["probe/fisher/contrib_ratio"] == pytest.approx(1.0, abs=1e-4)
     lora = torch.load(two / "rank0.pt")
+    # Adam divides by √v̂ + ε, so an element whose gradients nearly cancel over the two steps
+    # amplifies the float32 rounding of another summation order (DDP's, and the CPU's ISA: on an
+    # AVX-512 machine one element of 128 differed by 2e-4 of the largest, 2e-5 of the tensor's
+    # norm). Other data or a wrong reduction would move every element by its own size.
     for name, p in one["lora"].items():
-        torch.testing.assert_close(lora[name], p, rtol=0, atol=1e-4 * float(p.abs().max()))
+        assert float((lora[name] - p).norm()) <= 1e-4 * float(p.norm()), name
+        torch.testing.assert_close(lora[name], p, rtol=0, atol=1e-3 * float(p.abs().max()))
