@@ -39,6 +39,7 @@ BENCHES = {
     # the user's shape, kernels counted only (timing it on a CPU would take hours): ≈ 4 min
     "fisher_kernels_qwen": ["bench/fisher_cost.py", "--shape", "qwen2.5-1.5b", "--rounds", "0",
                             "--set", "rollout.max_new_tokens=16"],
+    "sketch_rate": ["bench/sketch_rate.py"],
 }
 
 
@@ -110,6 +111,11 @@ def rows(results: dict) -> list[tuple[str, str, str]]:
                         f"{r['kernels_kernel_over_plain']:.2f}", f"counted; {k['kernel']} kernels (Gram {k['gram']}) "
                         f"against {k['plain']}, c_j {k['contributions']} more, {r['captured_modules']} LoRA modules"
                         + (f"; mode sketch {k['sketch']} ({k['sketch'] / k['plain']:.2f})" if "sketch" in k else "")))
+    if "sketch_rate" in results:
+        r = results["sketch_rate"]
+        out.append((f"Fisher exact mode's cross-rank sketch, R by the counter generator / by torch's ({r['device']})",
+                    f"{r['counter_over_torch']:.2f}", f"time, alternated, medians; {r['rows']} rows × {r['dim']:,} "
+                    f"parameters, k {r['k']}; torch {r['normals_per_s']['torch'] / 1e9:.2f} G normals/s"))
     return out
 
 

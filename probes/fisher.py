@@ -15,9 +15,10 @@ it took 3,025, and 1.40×; ``bench/fisher_cost.py``).
 
 Exact within a rank; across ranks each rank sends a seeded Gaussian sketch (k columns) of its
 rows, and cross-rank entries are sketch inner products (variance (|a|²|b|² + ⟨a,b⟩²)/k). At one
-rank everything is exact and nothing is sketched. R is drawn by the CPU generator (the same R on
-every machine) at ≈ 0.2 G normals/s: d·k of them a due step, 2.3 s for SmolLM2's LoRA r16 q/v
-at k = 512, minutes for an adapter of tens of millions (there: mode sketch).
+rank everything is exact and nothing is sketched. R (d·k normals a due step) is drawn where the
+rows are (``GaussianSketch``): on a CPU by torch's generator at ≈ 0.2 G normals/s, 2.3 s for
+SmolLM2's LoRA r16 q/v at k = 512; on a GPU by a counter-based generator (the same R on any GPU
+model), without a copy.
 
 The contributions c_j below stay exact at any number of ranks: the E half runs after the step's
 last training backward, its F (one vector the size of the trainable parameters) is summed over
@@ -393,12 +394,11 @@ class FisherProbe(Probe):
         if self.mode == "sketch":  # rows are Kronecker sketches already; D is refused in setup
             return local, torch.cat([rows[name] for name in self.names], dim=1).double().cpu()
         sketcher = F.GaussianSketch(stable_seed(self.cfg.seed, "fisher-sketch", step), self.k)
-        sketch = torch.zeros(local.shape[0], self.k, dtype=torch.float64)
-        for name in self.names:  # ⟨D a, b⟩ = ⟨√D a, √D b⟩: sketch √D-scaled rows
+        sketch = torch.zeros(local.shape[0], self.k, dtype=torch.float64, device=self._device)
+        for name in self.names:  # ⟨D a, b⟩ = ⟨√D a, √D b⟩: sketch √D-scaled rows, where they are
             G = rows[name]
-            scaled = G if D is None else G * D[name].sqrt().to(G.device, G.dtype)
-            sketch += sketcher.project(name, scaled.cpu())
-        return local, sketch
+            sketch += sketcher.project(name, G if D is None else G * D[name].sqrt().to(G.device, G.dtype))
+        return local, sketch.cpu()
 
     def contributions(self, held: dict, D: dict | None, scale: float) -> torch.Tensor:
         """c_j = scale·A_j·⟨F, D∇S_j⟩ [n_U] float64 of this rank's training sequences, with F the

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList
 
+from rl_training.counter_rng import counter_uniforms
 from rl_training.policy import trim
 from rl_training.stops import completion_length
 
@@ -22,31 +23,6 @@ def stable_seed(*parts: object) -> int:
     """A 63-bit seed from any printable parts, identical across processes and Python runs."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-# SplitMix64 (Steele, Lea & Flood 2014): the generator's state after i steps from seed k is
-# k + (i + 1)·γ, and its output function mixes that state; so the i-th draw of any seed is one
-# stateless, vectorised computation. int64 products wrap modulo 2^64 on CPU and CUDA alike.
-_GAMMA, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
-
-
-def _signed(c: int) -> int:
-    return c - (1 << 64) if c >= 1 << 63 else c
-
-
-def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
-    """Logical right shift of int64 bit patterns (torch's >> is arithmetic)."""
-    return (z >> s) & ((1 << (64 - s)) - 1)
-
-
-def counter_uniforms(keys: torch.Tensor, counter: int) -> torch.Tensor:
-    """float64 uniforms in [0, 1), the ``counter``-th draw of SplitMix64 seeded with each int64 key,
-    computed on the keys' device: a row's draw depends on its key and the counter only."""
-    z = keys + torch.full_like(keys, counter + 1) * _signed(_GAMMA)
-    z = (z ^ _shr(z, 30)) * _signed(_MIX1)
-    z = (z ^ _shr(z, 27)) * _signed(_MIX2)
-    z = z ^ _shr(z, 31)
-    return _shr(z, 11).double() * 2.0**-53
 
 
 class RowSampler(LogitsProcessor):

@@ -9,6 +9,7 @@
 #                      mismatch, ours vs TRL (when trl and datasets import), peak memory
 #   4. gpu_vocab       δH and the step at the real Qwen2.5 vocabulary (151,936)
 #   5. fisher_cost_qwen  the Fisher kernel's cost at the user's shape
+#   6. sketch_rate     exact mode's cross-rank sketch: R drawn on the GPU vs by the CPU generator
 # Each part runs under `timeout`: the first two capped (90 s, 150 s), gpu_step with all the time
 # left (its --budget-s stops new rounds of timed steps early enough for the last round and TRL),
 # the last two with what remains (a second call can run them: PARTS). A part that fails or times
@@ -28,13 +29,14 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: scripts/gpu_checks.sh OUT_DIR [BUDGET_S] [PARTS]}
 BUDGET=${2:-560}
-PARTS=,${3:-nccl,fisher_cost,gpu_step,gpu_vocab,fisher_cost_qwen},
+PARTS=,${3:-nccl,fisher_cost,gpu_step,gpu_vocab,fisher_cost_qwen,sketch_rate},
 PY=${PYTHON:-python3}
 TOK=${GPU_CHECKS_TOKENIZER:-.carry/smollm2_tokenizer}
 if [ "${GPU_CHECKS_SHAPE:-}" = tiny ]; then  # the CPU smoke run: every part, small
   BIG=tiny SMALL=tiny VOCAB=50000 QUICK=(--steps 1 --decode-reps 1 --compile-backend eager) ROUNDS=1
+  SKETCH=(--dim 4096 --reps 1)
 else
-  BIG=qwen2.5-1.5b SMALL=smollm2-135m VOCAB=151936 QUICK=(--steps 3 --decode-reps 1) ROUNDS=3
+  BIG=qwen2.5-1.5b SMALL=smollm2-135m VOCAB=151936 QUICK=(--steps 3 --decode-reps 1) ROUNDS=3 SKETCH=()
 fi
 START=$(date +%s)
 mkdir -p "$OUT"
@@ -82,4 +84,5 @@ part gpu_vocab 100000 "$PY" bench/gpu_step.py --shape "$BIG" --tokenizer "$TOK" 
   --trainers bare,delta_h "${QUICK[@]}" --budget-s 0 --out "$OUT/gpu_vocab.json"
 part fisher_cost_qwen 100000 "$PY" bench/fisher_cost.py --shape "$BIG" --tokenizer "$TOK" --rounds 1 \
   --out "$OUT/fisher_cost_qwen.json"
+part sketch_rate 60 "$PY" bench/sketch_rate.py "${SKETCH[@]}" --out "$OUT/sketch_rate.json"
 say "gpu_checks: done in $(($(date +%s) - START)) s; results: $(cd "$OUT" && ls -- *.json 2> /dev/null | tr '\n' ' ')"

@@ -2,7 +2,7 @@ import torch
 
 from rl_training import policy
 from rl_training.models import TINY_RANDOM, ModelSpec, load_tokenizer_and_model
-from rl_training.sampling import RowSampler, counter_uniforms, sample, stable_seed
+from rl_training.sampling import RowSampler, sample, stable_seed
 from rl_training.stops import completion_length
 
 
@@ -46,36 +46,6 @@ def test_completion_length_stops_at_eos_or_end_of_stop_string():
     assert completion_length(ids, tok, eos_ids={0}, stop_strings=("</answer>",)) == len("ab</answer>")
     assert completion_length(ids + [0], tok, eos_ids={ord("b")}, stop_strings=("</answer>",)) == 2
     assert completion_length(ids, tok, eos_ids=set(), stop_strings=()) == len(ids)
-
-
-def _splitmix64(key: int, i: int) -> float:
-    """The reference: the i-th output of SplitMix64 seeded with ``key``, in plain Python."""
-    mask = (1 << 64) - 1
-    z = (key + (i + 1) * 0x9E3779B97F4A7C15) & mask
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
-    z ^= z >> 31
-    return (z >> 11) / 2**53
-
-
-def test_counter_uniforms_are_splitmix64_bit_for_bit():
-    keys = [0, 1, 12345, stable_seed("a"), stable_seed("b", 7), 2**63 - 1]
-    for i in (0, 1, 2, 63, 10**6):
-        got = counter_uniforms(torch.tensor(keys, dtype=torch.int64), i).tolist()
-        assert got == [_splitmix64(k, i) for k in keys], i
-
-
-def test_counter_uniforms_are_uniform_and_uncorrelated():
-    # 200 streams × 500 draws: the mean, the CDF (Kolmogorov–Smirnov) and the lag-1 correlation
-    # along a stream against their sampling distributions for independent U(0, 1).
-    keys = torch.tensor([stable_seed("u", r) for r in range(200)], dtype=torch.int64)
-    u = torch.stack([counter_uniforms(keys, i) for i in range(500)], dim=1)
-    n = u.numel()
-    assert abs(float(u.mean()) - 0.5) < 4 * (1 / 12 / n) ** 0.5
-    ks = float((torch.sort(u.flatten()).values - torch.arange(1, n + 1, dtype=torch.float64) / n).abs().max())
-    assert ks < 1.63 / n**0.5  # the 1 % critical value
-    a, b = u[:, :-1].flatten() - 0.5, u[:, 1:].flatten() - 0.5
-    assert abs(float((a * b).mean() / (a * a).mean())) < 4 / a.numel() ** 0.5
 
 
 def test_sampled_logps_are_the_policy_at_the_sampled_tokens():

@@ -19,6 +19,8 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
+from rl_training.counter_rng import counter_normals
+
 # Rows of R drawn per generator seeding. Part of the sketch's definition (changing it changes
 # R), and bounds the extra memory of ``project`` to BLOCK·k numbers.
 BLOCK = 2**14
@@ -153,31 +155,35 @@ class GaussianSketch:
     """s = Rᵀ g, R_name ∈ R^{d×k} with entries N(0, 1/k), drawn in BLOCK-row blocks.
 
     Block j of R_name comes from a generator seeded with (seed, name, j), so R depends only on
-    (seed, name, d), not on n, the call, or the process; the sketch of a full gradient is
-    Σ_name project(name, rows_name). Extra memory O(BLOCK·k). Output float64 [n, k].
+    (seed, name, d) and the generator, not on n, the call, or the process; the sketch of a full
+    gradient is Σ_name project(name, rows_name). Extra memory O(BLOCK·k). Output float64 [n, k].
 
-    Generator device: CPU by default, because torch's CPU normal stream is the same on every
-    machine (up to ~1 ulp between ISA levels: the AVX2 path uses approximate log/sincos; far
-    below the sketch's noise) and independent of any GPU. It costs d·k normals per call at
-    ~0.2 G/s per core. ``device="cuda"`` is far faster but a DIFFERENT R: CUDA's Philox stream
-    differs from the CPU one and its element order follows the launch grid, sized by the GPU's
-    SM count, so every rank must then use the same device type and GPU model.
+    Generator (``generator``, default by the rows' device): on a CPU ``torch``'s CPU normal
+    stream (the same on every machine up to ~1 ulp between ISA levels, far below the sketch's
+    noise; d·k normals at ~0.2 G/s per core); elsewhere ``counter``, the counter-based normals of
+    ``counter_normals`` computed where the rows are: the d·k normals cost a GPU milliseconds where
+    the CPU stream cost seconds a due step (2.2 M LoRA parameters × k 512 ≈ 5 s) plus a copy a
+    block, and unlike CUDA's Philox (whose element order follows the launch grid, sized by the SM
+    count) they do not depend on the GPU model. The ranks of a job hold their rows on one device
+    type, so they draw the same R.
     """
 
-    def __init__(self, seed: int, k: int, device: torch.device | str | None = None):
+    def __init__(self, seed: int, k: int, generator: str | None = None):
         if k < 1:
             raise ValueError(f"GaussianSketch: k must be ≥ 1, got {k}")
-        self.seed, self.k = int(seed), int(k)
-        self.device = torch.device(device if device is not None else "cpu")
-        self._gen = torch.Generator(device=self.device)
+        if generator not in (None, "torch", "counter"):
+            raise ValueError(f"GaussianSketch: generator must be torch or counter, got {generator}")
+        self.seed, self.k, self.generator = int(seed), int(k), generator
 
-    def _normal(self, name: str, block: int, rows: int) -> torch.Tensor:
-        """[rows, k] float32 standard normals of block `block` of R_name (before the 1/√k)."""
-        self._gen.manual_seed(_block_seed(self.seed, name, block))
-        return torch.randn(rows, self.k, generator=self._gen, device=self.device)
+    def _normal(self, name: str, block: int, rows: int, device: torch.device) -> torch.Tensor:
+        """[rows, k] float32 standard normals of block `block` of R_name (before the 1/√k), on ``device``."""
+        seed = _block_seed(self.seed, name, block)
+        if (self.generator or ("torch" if device.type == "cpu" else "counter")) == "counter":
+            return counter_normals(seed, rows * self.k, device).view(rows, self.k)
+        return torch.randn(rows, self.k, generator=torch.Generator().manual_seed(seed)).to(device)
 
     def project(self, name: str, rows: torch.Tensor) -> torch.Tensor:
-        """[n, *shape] -> [n, k] float64: rows (flattened, row-major) times R_name."""
+        """[n, *shape] -> [n, k] float64 on the rows' device: rows (flattened, row-major) times R_name."""
         x = rows.detach().reshape(rows.shape[0], -1)
         # float64 rows keep float64 products (exact checks); others multiply in float32, whose
         # rounding (~1e-7) is far below the sketch's 1/√k noise.
@@ -185,13 +191,14 @@ class GaussianSketch:
         out = torch.zeros(x.shape[0], self.k, dtype=torch.float64, device=x.device)
         for j, s in enumerate(range(0, x.shape[1], BLOCK)):
             e = min(s + BLOCK, x.shape[1])
-            z = self._normal(name, j, e - s).to(x.device, dtype)
+            z = self._normal(name, j, e - s, x.device).to(dtype)
             out += (x[:, s:e].to(dtype) @ z).double()
         return out / math.sqrt(self.k)
 
-    def matrix(self, name: str, d: int) -> torch.Tensor:
-        """Dense R_name [d, k] float64, from the same blocks as ``project`` (small d: tests)."""
-        blocks = [self._normal(name, j, min(BLOCK, d - s)) for j, s in enumerate(range(0, d, BLOCK))]
+    def matrix(self, name: str, d: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Dense R_name [d, k] float64, from the same blocks as ``project`` on ``device`` (small d: tests)."""
+        device = torch.device(device)
+        blocks = [self._normal(name, j, min(BLOCK, d - s), device) for j, s in enumerate(range(0, d, BLOCK))]
         return torch.cat(blocks).double() / math.sqrt(self.k)
 
 

@@ -12,7 +12,7 @@ from tests.helpers.runs import REPO, run_cmd
 
 pytestmark = pytest.mark.slow
 SCRIPT = str(REPO / "scripts" / "gpu_checks.sh")
-PARTS = ("nccl", "fisher_cost", "gpu_step", "gpu_vocab", "fisher_cost_qwen")
+PARTS = ("nccl", "fisher_cost", "gpu_step", "gpu_vocab", "fisher_cost_qwen", "sketch_rate")
 
 
 def test_every_part_runs_on_the_cpu_shapes(tmp_path):
@@ -30,6 +30,7 @@ def test_every_part_runs_on_the_cpu_shapes(tmp_path):
     assert json.loads((out / "gpu_vocab.json").read_text())["vocab"] == 50000
     for name in ("fisher_cost", "fisher_cost_qwen"):
         assert json.loads((out / f"{name}.json").read_text())["kernel_over_plain"] > 0
+    assert json.loads((out / "sketch_rate.json").read_text())["counter_over_torch"] > 0
 
 
 def test_parts_and_budget_choose_what_runs_and_a_missing_tokenizer_is_one_line(tmp_path):

@@ -201,9 +201,10 @@ def test_sketch_is_the_same_in_another_process():
         assert torch.equal(torch.tensor(json.loads(out.stdout), dtype=torch.float64), here.flatten())
 
 
-def test_sketch_of_two_parameters_is_the_concatenated_projection():
+@pytest.mark.parametrize("generator", ["torch", "counter"])
+def test_sketch_of_two_parameters_is_the_concatenated_projection(generator):
     """Σ_name project(name, rows) = [x_a, x_b] @ [R_a; R_b], across block boundaries."""
-    s = F.GaussianSketch(3, 8)
+    s = F.GaussianSketch(3, 8, generator)
     da = 2 * F.BLOCK + 123  # two full blocks and a partial one
     xa, xb = _randn(2, da, seed=21), _randn(2, 3, 7, seed=22)
     got = s.project("a", xa) + s.project("b", xb)
@@ -217,13 +218,28 @@ def test_sketch_of_two_parameters_is_the_concatenated_projection():
     torch.testing.assert_close(s.project("a", xa.float()), s.project("a", xa), rtol=1e-4, atol=1e-3)
 
 
+def test_sketch_draws_r_where_the_rows_are(monkeypatch):
+    """Off the CPU R comes from the counter-based generator on the rows' device (no host draw, no
+    copy); on the CPU from torch's stream; both are the same R in every process."""
+    devices = []
+    real = F.counter_normals
+    monkeypatch.setattr(F, "counter_normals", lambda key, n, device: devices.append(device) or real(key, n, device))
+    assert F.GaussianSketch(3, 8).project("w", torch.zeros(2, 10, device="meta")).device.type == "meta"
+    assert devices == [torch.device("meta")]
+    F.GaussianSketch(3, 8).project("w", torch.zeros(2, 10))
+    assert len(devices) == 1
+    with pytest.raises(ValueError, match="generator must be torch or counter"):
+        F.GaussianSketch(3, 8, "philox")
+
+
 # ---------------------------------------------------------------- sketch: statistics
 
 TRIALS = 4000  # relative SE of a variance estimate ≈ √(2/N) ≈ 2.2%: 10% is > 4 SE
 DIM, K = 300, 64
 
 
-def test_sketch_inner_products_are_unbiased_with_the_stated_variance():
+@pytest.mark.parametrize("generator", ["torch", "counter"])
+def test_sketch_inner_products_are_unbiased_with_the_stated_variance(generator):
     a = _randn(DIM, seed=30)
     r = _randn(DIM, seed=31)
     orth = r - (r @ a) / (a @ a) * a + 0.02 * a  # nearly orthogonal to a
@@ -236,7 +252,7 @@ def test_sketch_inner_products_are_unbiased_with_the_stated_variance():
     torch.set_num_threads(1)  # thousands of tiny matmuls: thread hand-offs would dominate
     try:
         for t in range(TRIALS):
-            S = F.GaussianSketch(t, K).project("w", X)
+            S = F.GaussianSketch(t, K, generator).project("w", X)
             est = S @ S.T
             err[t] = torch.stack([est[i, j] - exact[i, j] for i, j in pairs])
     finally:
