@@ -28,7 +28,10 @@ def counter_uniforms(keys: torch.Tensor, counter: int | torch.Tensor) -> torch.T
     """float64 uniforms in [0, 1), the ``counter``-th draw of SplitMix64 seeded with each int64 key
     (``counter``: an int, or int64 counters broadcast against the keys), computed on the keys'
     device: a draw depends on its key and counter only."""
-    z = keys + (torch.as_tensor(counter, dtype=torch.int64, device=keys.device) + 1) * _signed(_GAMMA)
+    if isinstance(counter, int):  # a scalar kernel argument: no host-to-device copy a decode step
+        z = keys + _signed((counter + 1) * _GAMMA % (1 << 64))
+    else:
+        z = keys + (counter.to(keys.device) + 1) * _signed(_GAMMA)
     z = (z ^ _shr(z, 30)) * _signed(_MIX1)
     z = (z ^ _shr(z, 27)) * _signed(_MIX2)
     z = z ^ _shr(z, 31)
@@ -42,7 +45,7 @@ def counter_normals(key: int, n: int, device: torch.device | str = "cpu") -> tor
     first m of n draws are the m-draw result. About ten int64 passes a draw: far faster than a
     CPU generator plus a copy on a GPU, ~15× slower than ``torch.randn`` on a CPU."""
     pairs = (n + 1) // 2
-    u = counter_uniforms(torch.tensor(key, dtype=torch.int64, device=device),
+    u = counter_uniforms(torch.full((), key, dtype=torch.int64, device=device),
                          torch.arange(2 * pairs, dtype=torch.int64, device=device)).view(pairs, 2)
     radius = torch.sqrt(-2.0 * torch.log1p(-u[:, 0]))  # 1 − u ∈ (0, 1]: log is finite
     angle = (2 * math.pi) * u[:, 1]
