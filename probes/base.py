@@ -96,10 +96,11 @@ class Probe:
         self.output_dir: Path | None = None  # the run directory, for probes that write files (rank 0)
 
     # -- declaration ------------------------------------------------------------------
-    def add_stat(self, name: str, default: float | torch.Tensor = 0.0, reduce: str = "sum") -> None:
+    def add_stat(self, name: str, default: float | torch.Tensor = 0.0, reduce: str = "sum", round: int = 0) -> None:
         """Declare a stat: a float or a fixed-shape tensor (sum/max/min elementwise), or a list
-        of tensors for ``cat`` (concatenated over ranks, rank order)."""
-        self.statset.add(name, default, reduce)
+        of tensors for ``cat`` (concatenated over ranks, rank order); ``exchange``: summed before
+        the update, in exchange round ``round`` (``on_exchanged``)."""
+        self.statset.add(name, default, reduce, round)
 
     def reset_stats(self) -> None:
         self.statset.reset()
@@ -121,6 +122,12 @@ class Probe:
 
     def on_after_backward(self, ctx: StepContext) -> None:
         pass
+
+    def on_exchanged(self, ctx: StepContext, round: int) -> None:
+        """At due steps of a probe with exchange-stats, after the manager summed their round
+        ``round`` over the ranks (PPO epoch 0, after the last microbatch's ``on_after_backward``,
+        before ``on_before_optimizer_step``): the sums are in ``stats``; the next round's values
+        may be set here."""
 
     def on_before_optimizer_step(self, ctx: StepContext) -> None:
         pass

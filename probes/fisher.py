@@ -21,10 +21,12 @@ SmolLM2's LoRA r16 q/v at k = 512; on a GPU by a counter-based generator (the sa
 model), without a copy.
 
 The contributions c_j below stay exact at any number of ranks: the E half runs after the step's
-last training backward, its F (one vector the size of the trainable parameters) is summed over
-the ranks right then (an ``exchange`` stat: one all_reduce at due steps, on the GPU where the
-rank computes: at the user's shape F is 74 M float64, 592 MB), and each rank meets its own
-training sequences with it. Through
+last training backward, in two parts with a sum over the ranks after each (``exchange`` stats in
+two rounds, each one all_reduce at due steps, on the GPU where the rank computes): the E rows'
+forward gives each rank's share of the surrogate's baseline totals ([3, L] per position), whose
+sum makes the baseline of every rank's E rows, as at one process; then F (one vector the size of
+the trainable parameters: 74 M float64, 592 MB, at the user's shape), whose sum each rank meets
+its own training sequences with. Through
 sketches instead, ⟨F_r', D∇S_j⟩ of two near-orthogonal vectors would carry noise ~|F||∇S_j|/√k,
 far above the signal at LoRA's dimension.
 
@@ -35,10 +37,9 @@ ratio 1 is Σ_j −A_j ∇S_j/(N·L), so for an SGD step of size η on the gradi
 factor c (1 when not clipped), δH₁ = Σ_j c_j with c_j = η·c·A_j/(N·L)·⟨F, D∇S_j⟩. `pred` = ⟨F, Δθ⟩
 with the real Δθ; `contrib_ratio` = Σ_j c_j / pred is 1 for SGD (and for Adam's first step
 without weight decay, clipped or not), and otherwise says how much momentum, the KL term and
-weight decay change the picture. The
-surrogate's leave-one-out baseline is taken over the rank's E rows: at one rank `pred` equals
-the δH probe's δH₁ on the same E-batch (tested); at several ranks it is the same estimand with a
-slightly different (still row-independent) baseline.
+weight decay change the picture. `pred` equals the δH probe's δH₁ on the same E-batch (tested),
+and `pred` and the c_j at several ranks equal one process's (tested at 2 ranks: 1e-5; a baseline
+of each rank's own E rows, as before, moved Σ_j c_j by 0.1–0.9 %).
 
 Memory: the rank's per-sequence gradients, (B_E/W + buffer/W) × trainable parameters in
 float32, and F in float64, are held between the backward and the update. At the user's scale
@@ -140,11 +141,14 @@ class FisherProbe(Probe):
         self._kron: F.KroneckerSketch | None = None  # mode sketch: the sketch of the pass under way
         self.stop_rule = ctx.ebatches.stop_rule(ctx.model)
         params = dict(ctx.model.named_parameters())
-        # F over every rank's E rows: each rank's share, summed between the last backward and the update.
-        # Declared on the meta device (its size, no storage): a due step sets it where it is computed,
-        # and a host default would hold 592 MB (twice, with the reset's copy) at the user's shape.
+        # Summed between the last backward and the update, in two rounds: the per-position totals of
+        # the E rows' baseline (every rank's rows make it, as at one process), then F over every
+        # rank's E rows, built with that baseline. F is declared on the meta device (its size, no
+        # storage): a due step sets it where it is computed, and a host default would hold 592 MB
+        # (twice, with the reset's copy) at the user's shape.
+        self.add_stat("E_totals", torch.zeros(3, cfg.rollout.max_new_tokens, dtype=torch.float64), reduce="exchange")
         self.add_stat("F", torch.zeros(sum(params[n].numel() for n in self.names), dtype=torch.float64,
-                                       device="meta"), reduce="exchange")
+                                       device="meta"), reduce="exchange", round=1)
         for key in ("local", "sketch", "meta", "texts", "contrib"):
             self.add_stat(key, reduce="cat")
         self.add_stat("pred")
@@ -162,11 +166,17 @@ class FisherProbe(Probe):
 
     # -------------------------------------------------------------------------- hooks
     def on_after_backward(self, ctx: StepContext) -> None:
-        """After the step's last training backward: the E half, whose F the manager then sums
-        over the ranks (this probe's exchange-stat) before ``on_before_optimizer_step``."""
+        """After the step's last training backward: the E half's first part, whose baseline
+        totals the manager then sums over the ranks (exchange round 0)."""
         if ctx.epoch > 0 or not is_last_microbatch(ctx):
             return
-        self._e = self.e_half(ctx.model, self.ebatches.get(ctx.model, ctx.step, self.spec), len(ctx.batch), ctx.step)
+        self._e = self.e_begin(ctx.model, self.ebatches.get(ctx.model, ctx.step, self.spec), len(ctx.batch), ctx.step)
+
+    def on_exchanged(self, ctx: StepContext, round: int) -> None:
+        """Round 0's totals summed: the E half's second part, whose F the manager then sums
+        (round 1) before ``on_before_optimizer_step``."""
+        if round == 0 and self._e is not None:
+            self._e = self.e_end(ctx.model, self._e)
 
     def on_before_optimizer_step(self, ctx: StepContext) -> None:
         if ctx.epoch > 0 or self._e is None:
@@ -185,21 +195,32 @@ class FisherProbe(Probe):
         self.accumulate(held, D, ctx.delta_theta(), scale, ctx.step)
 
     # -------------------------------------------------------------------------- the three parts
-    def e_half(self, model, ebatch, n_u: int, step: int) -> dict:
-        """Before the update, at θ_k: the E rows' per-sequence gradients (mode sketch: their
-        sketches) into rows held for them and the ``n_u`` training rows to come, and this rank's
-        F = Σ_t w_t ∇f_t, also flat in ``stats["F"]`` to be summed."""
+    def e_begin(self, model, ebatch, n_u: int, step: int) -> dict:
+        """Before the update, at θ_k: rows held for the E rows and the ``n_u`` training rows to
+        come, the E rows' forward (``_e_forward``), and this rank's share of the baseline totals
+        in ``stats["E_totals"]``, to be summed."""
         t0 = time.perf_counter()
         sketch = F.KroneckerSketch(stable_seed(self.cfg.seed, "fisher-sketch", step), *self.factors) \
             if self.mode == "sketch" else None
         self._begin_rows(sketch, len(ebatch) + n_u, model)
-        F_flat = self._e_pass(model, ebatch if len(ebatch) else None, self._pool_weights(ebatch.prompt))
+        held, self.stats["E_totals"] = self._e_forward(model, ebatch if len(ebatch) else None)
+        self.stats["time_grad_s"] += time.perf_counter() - t0
+        return dict(ebatch=ebatch, held=held)
+
+    def e_end(self, model, e: dict) -> dict:
+        """After ``e_begin``, with ``stats["E_totals"]`` summed over the ranks: this rank's
+        F = Σ_t w_t ∇f_t (the E rows' per-sequence gradients, or their sketches, are in the held
+        rows by then), also flat in ``stats["F"]`` to be summed."""
+        t0 = time.perf_counter()
+        ebatch = e["ebatch"]
+        F_flat = self._e_backward(model, ebatch if len(ebatch) else None, e["held"], self.stats["E_totals"],
+                                  self._pool_weights(ebatch.prompt))
         self.stats["F"] = F_flat.double()  # where it was computed: the exchange sums it there
         self.stats["time_grad_s"] += time.perf_counter() - t0
         return dict(ebatch=ebatch, F=F_flat)  # the E rows wait in the capture's rows for the U half
 
     def u_half(self, model, e: dict, batch) -> dict:
-        """Still at θ_k, after ``e_half``: the training batch's rows; mode sketch: also each row's
+        """Still at θ_k, after ``e_end``: the training batch's rows; mode sketch: also each row's
         ⟨F, ∇S_j⟩ with ``stats["F"]`` (by now summed over the ranks), from the hooks' x and δ.
         -> everything ``accumulate`` needs."""
         t0 = time.perf_counter()
@@ -211,7 +232,7 @@ class FisherProbe(Probe):
 
     def gradients(self, model, ebatch, batch, step: int) -> dict:
         """Both halves at one process (offline; nothing to sum over ranks)."""
-        return self.u_half(model, self.e_half(model, ebatch, len(batch), step), batch)
+        return self.u_half(model, self.e_end(model, self.e_begin(model, ebatch, len(batch), step)), batch)
 
     def accumulate(self, held: dict, D: dict | None, delta: dict, scale: float, step: int) -> None:
         """After the update: this rank's exact block, its sketch (several ranks), ⟨F, Δθ⟩, and
@@ -240,7 +261,7 @@ class FisherProbe(Probe):
         sketch: the rows' ``sketch`` [n_E + n_U, columns] (required there)."""
         n_e = len(ebatch) if ebatch is not None else 0
         self._begin_rows(sketch, n_e + len(u_tokens.prompt_ids), model)
-        F_flat = self._e_pass(model, ebatch, e_weights)
+        F_flat = self._e_backward(model, ebatch, *self._e_forward(model, ebatch), e_weights)
         dots = self._u_pass(model, u_tokens, n_e, F_all)
         return self._end_rows(n_e + len(u_tokens.prompt_ids)), F_flat, dots
 
@@ -264,32 +285,56 @@ class FisherProbe(Probe):
         rows, self._kron, self._stacked = self._stacked, None, None
         return rows
 
-    def _e_pass(self, model, ebatch: EBatch | None, e_weights: torch.Tensor) -> torch.Tensor:
-        """The E rows into the captured rows; -> F, float32 and flat over ``self.names``."""
+    def _e_forward(self, model, ebatch: EBatch | None) -> tuple[tuple | None, torch.Tensor]:
+        """-> (held, totals): this rank's share of the baseline totals [3, L_budget]
+        (``DH.baseline_totals``: the leave-one-out baseline is over every rank's E rows, as at one
+        process) and, when one microbatch holds every E row of the rank (B_E ≤ microbatch, the
+        default), that microbatch's forward with its rows captured, held with its graph for the
+        surrogate's backward (else a no-grad pass gives the totals and ``_e_backward`` the rest)."""
+        totals = torch.zeros(3, self.cfg.rollout.max_new_tokens, dtype=torch.float64, device=self._device)
+        if ebatch is None:
+            return None, totals
+        parts = list(policy.microbatches(ebatch.tensors, self.micro))
+        held = None
+        with probe_model(model), torch.enable_grad() if len(parts) == 1 else torch.no_grad():
+            for rows, mb in parts:
+                if len(parts) == 1:
+                    held = self._captured_forward(model, rows, mb)
+                    terms, _, mask = held
+                else:
+                    terms, _, mask = self._terms(model, mb)
+                totals += DH.baseline_totals(terms["h"].detach(), terms["ps"].detach(), mask, totals.shape[1])
+        return held, totals
+
+    def _e_backward(self, model, ebatch: EBatch | None, held: tuple | None, totals: torch.Tensor,
+                    e_weights: torch.Tensor) -> torch.Tensor:
+        """The E rows into the captured rows (those ``_e_forward`` did not hold) and F, float32 and
+        flat over ``self.names``, with the baseline of ``totals`` (every rank's E rows)."""
         params = [p for n, p in model.named_parameters() if p.requires_grad]
         flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
         if ebatch is None:
             return flat
-        e_tokens = ebatch.tensors
         with probe_model(model), torch.enable_grad():
-            parts = list(policy.microbatches(e_tokens, self.micro))
-            # The baseline needs every E row of the rank before the surrogate's backward: from a
-            # no-grad pass over them, unless one microbatch holds them all (B_E ≤ microbatch,
-            # the default), whose own forward then gives it.
-            b = self._baseline(model, e_tokens) if len(parts) > 1 else None
-            for rows, mb in parts:
-                with self._capturing(rows.start):
-                    terms, stops, mask = self._terms(model, mb)
-                    torch.autograd.grad((terms["lp"] * mask).sum(), params, retain_graph=True, allow_unused=True)
+            for rows, mb in policy.microbatches(ebatch.tensors, self.micro):
+                terms, stops, mask = held if held is not None else self._captured_forward(model, rows, mb)
                 cont, _, _ = DH.stop_split(mb.completion_ids.to(mask.device), mask, *stops)
                 ls = ebatch.sampler_log_ratios(rows, terms["lp"]) if self.sampler_correction == "per_decision" else None
-                b_mb = DH.value_baseline(terms["h"].detach().double() * mask, terms["ps"].detach().double() * mask,
-                                         mask) if b is None else b[rows, : mask.shape[1]].to(mask.device)
-                f = DH.rb_surrogate(terms, cont, mask, b_mb, ls)
+                b = DH.value_baseline(terms["h"].detach().double() * mask, terms["ps"].detach().double() * mask, mask,
+                                      totals.to(mask.device))
+                f = DH.rb_surrogate(terms, cont, mask, b, ls)
                 w = e_weights[rows].to(f.device, f.dtype)
                 grads = torch.autograd.grad((w * f).sum(), params, materialize_grads=True)
                 flat += torch.cat([g.reshape(-1) for g in grads])  # one add, not one a parameter
         return flat
+
+    def _captured_forward(self, model, rows: slice, mb: policy.TokenBatch):
+        """A microbatch's terms (``_terms``) with its rows' ∇S captured by one backward of Σ_i S_i;
+        the graph is kept for the surrogate's backward."""
+        params = [p for n, p in model.named_parameters() if p.requires_grad]
+        with self._capturing(rows.start):
+            terms, stops, mask = self._terms(model, mb)
+            torch.autograd.grad((terms["lp"] * mask).sum(), params, retain_graph=True, allow_unused=True)
+        return terms, stops, mask
 
     def _u_pass(self, model, u_tokens: policy.TokenBatch, first_row: int, F_all: dict[str, torch.Tensor] | None = None):
         """The training rows into the captured rows (from ``first_row`` on); with ``F_all`` (mode
@@ -327,17 +372,6 @@ class FisherProbe(Probe):
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         terms = DH.token_terms(logits, mb.completion_ids.to(dev), *stops, dtype=dtype)
         return terms, stops, mb.completion_mask.to(dev).double()
-
-    @torch.no_grad()
-    def _baseline(self, model, e_tokens: policy.TokenBatch) -> torch.Tensor:
-        """The δH leave-one-out baseline [n_E, L] over this rank's E rows (all of them at one rank)."""
-        n, L = e_tokens.completion_mask.shape
-        h, ps = torch.zeros(n, L, dtype=torch.float64), torch.zeros(n, L, dtype=torch.float64)
-        for rows, mb in policy.microbatches(e_tokens, self.micro):
-            terms, _, mask = self._terms(model, mb)
-            w = mask.shape[1]
-            h[rows, :w], ps[rows, :w] = (terms["h"] * mask).cpu(), (terms["ps"] * mask).cpu()
-        return DH.value_baseline(h, ps, e_tokens.completion_mask.double())
 
     @contextlib.contextmanager
     def _capturing(self, first_row: int):

@@ -4,8 +4,10 @@ Reduction: every sum-stat of every due probe and of the trainer's own metrics (a
 passed to ``reduce``), plus one failure flag for EVERY probe (due or not), is packed into one
 flat float64 buffer and all-reduced ONCE per step; max- and min-stats take one more collective
 each, cat-stats one all_gather_object. At world_size 1 nothing is communicated. Exchange-stats
-(a sum a probe needs before the update) take one all_reduce of their own, right after the last
-microbatch's ``on_after_backward`` of PPO epoch 0, and only at steps where a due probe declares one.
+(a sum a probe needs before the update) take one all_reduce of their own per round, right after
+the last microbatch's ``on_after_backward`` of PPO epoch 0, each round followed by the probes'
+``on_exchanged``, and only at steps where a due probe declares one; the number of rounds comes
+from the due probes' declarations, the same on every rank.
 
 Failures on one rank only must not make the ranks disagree on what they send, or a collective
 hangs or mixes up buffers. So the layout depends only on state every rank shares (the step and
@@ -128,11 +130,11 @@ class ProbeManager:
         log.error("probe %s failed in %s; disabled from now on:\n%s", p.name, where, traceback.format_exc())
         self._failed.add(p.name)
 
-    def _call(self, hook: str, ctx: StepContext) -> None:
+    def _call(self, hook: str, ctx: StepContext, *args) -> None:
         for p in self._live():
             t0 = time.perf_counter()
             try:
-                getattr(p, hook)(ctx)
+                getattr(p, hook)(ctx, *args)
             except Exception:
                 self._fail(p, hook)
             finally:
@@ -144,7 +146,9 @@ class ProbeManager:
     def on_after_backward(self, ctx: StepContext) -> None:
         self._call("on_after_backward", ctx)
         if ctx.epoch == 0 and is_last_microbatch(ctx):
-            self._exchange(ctx.world)
+            for r in range(max((p.statset.rounds() for p in self._due), default=0)):
+                self._exchange(ctx.world, r)
+                self._call("on_exchanged", ctx, r)
 
     def on_before_optimizer_step(self, ctx: StepContext) -> None:
         self._call("on_before_optimizer_step", ctx)
@@ -153,19 +157,19 @@ class ProbeManager:
         self._call("on_after_optimizer_step", ctx)
 
     # -- reduction ---------------------------------------------------------------------
-    def _exchange(self, world) -> None:
-        """Sum the due probes' exchange-stats over the ranks, in fixed slots as in ``reduce``: a
-        probe that failed on some rank sends zeros there and is disabled at the reduce, so what
-        the others computed from the sum is never logged."""
-        due = [p for p in self._due if p.statset.names("exchange")]
+    def _exchange(self, world, round: int) -> None:
+        """Sum the due probes' exchange-stats of one round over the ranks, in fixed slots as in
+        ``reduce``: a probe that failed on some rank sends zeros there and is disabled at the
+        reduce, so what the others computed from the sum is never logged."""
+        due = [p for p in self._due if p.statset.names("exchange", round)]
         if not due:
             return
-        slots = [self._pack_slot(p, "exchange", world.device) for p in due]
+        slots = [self._pack_slot(p, "exchange", world.device, round) for p in due]
         flat = world.all_reduce_sum(torch.cat(slots))
         start = 0
         for p, slot in zip(due, slots):
             if p.name not in self._failed:
-                p.statset.unpack("exchange", flat[start:start + slot.numel()])
+                p.statset.unpack("exchange", flat[start:start + slot.numel()], round)
             start += slot.numel()
 
     def reduce(self, world, shared: StatSet | None = None) -> dict[str, float]:
@@ -216,15 +220,16 @@ class ProbeManager:
         self._due = []
         return out
 
-    def _pack_slot(self, p: Probe, kind: str, device: torch.device = CPU) -> torch.Tensor:
-        """p's stats of one reduction as a float64 vector on ``device`` of the size its declaration
-        fixes; zeros (and p marked failed) if it failed earlier or its stats do not fit."""
+    def _pack_slot(self, p: Probe, kind: str, device: torch.device = CPU, round: int | None = None) -> torch.Tensor:
+        """p's stats of one reduction (exchange: of one round) as a float64 vector on ``device`` of
+        the size its declaration fixes; zeros (and p marked failed) if it failed earlier or its
+        stats do not fit."""
         if p.name not in self._failed:
             try:
-                return p.statset.pack(kind, device)
+                return p.statset.pack(kind, device, round)
             except Exception:
                 self._fail(p, f"packing its {kind}-stats")
-        return p.statset.zeros(kind, device)
+        return p.statset.zeros(kind, device, round)
 
     def _pack_cats(self, p: Probe) -> dict[str, list[torch.Tensor]]:
         if p.name not in self._failed:

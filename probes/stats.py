@@ -8,9 +8,12 @@ concatenated into one buffer per reduction (probes/manager.py) and reduced at on
 ``exchange`` is a sum taken earlier: right after the last microbatch's ``on_after_backward``
 of the step's first PPO epoch, for a quantity a probe needs summed over every rank before the
 update (the Fisher probe's E-side vector F, so that each rank's training sequences meet the
-whole F exactly). It is packed where the rank computes (``DistInfo.device``): F has as many
-entries as the trainable parameters (74 M at the user's shape), and a GPU's F stays there, not
-crossing to the host and back. Every other reduction happens once, after the step, on the CPU.
+whole F exactly). Exchange-stats are declared in rounds (``round``, 0 first): the manager sums
+round r, calls ``on_exchanged(ctx, r)``, which may set round r + 1's values from the sums (the
+Fisher probe's baseline totals, then its F built with them). They are packed where the rank
+computes (``DistInfo.device``): F has as many entries as the trainable parameters (74 M at the
+user's shape), and a GPU's F stays there, not crossing to the host and back. Every other
+reduction happens once, after the step, on the CPU.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ CPU = torch.device("cpu")
 class Stat:
     default: float | torch.Tensor
     reduce: str
+    round: int = 0  # exchange-stats: the round they are summed in
 
     @property
     def size(self) -> int:
@@ -46,10 +50,11 @@ class StatSet:
         for name, reduce in declared:
             self.add(name, 0.0, reduce)
 
-    def add(self, name: str, default: float | torch.Tensor = 0.0, reduce: str = "sum") -> None:
+    def add(self, name: str, default: float | torch.Tensor = 0.0, reduce: str = "sum", round: int = 0) -> None:
         assert reduce in REDUCTIONS, f"reduce must be one of {REDUCTIONS}"
         assert name not in self.declared, f"stat {name} declared twice"
-        self.declared[name] = Stat(default, reduce)
+        assert round == 0 or reduce == "exchange", "only exchange-stats have rounds"
+        self.declared[name] = Stat(default, reduce, round)
 
     def reset(self) -> None:
         """Fresh values from the defaults (in place: holders of ``values`` see the reset)."""
@@ -58,28 +63,33 @@ class StatSet:
             self.values[n] = [] if s.reduce == "cat" else (
                 s.default.clone() if isinstance(s.default, torch.Tensor) else s.default)
 
-    def names(self, reduce: str) -> list[str]:
-        return [n for n, s in self.declared.items() if s.reduce == reduce]
+    def names(self, reduce: str, round: int | None = None) -> list[str]:
+        """The stats of one reduction (of one exchange ``round``, if given), in declaration order."""
+        return [n for n, s in self.declared.items() if s.reduce == reduce and round in (None, s.round)]
 
-    def size(self, reduce: str) -> int:
-        return sum(self.declared[n].size for n in self.names(reduce))
+    def rounds(self) -> int:
+        """How many exchange rounds the declaration asks for (0: none)."""
+        return max((self.declared[n].round + 1 for n in self.names("exchange")), default=0)
 
-    def pack(self, reduce: str, device: torch.device = CPU) -> torch.Tensor:
-        """The values of one reduction as a float64 vector of the declared size on ``device``;
-        raises if a value does not fit its declaration."""
+    def size(self, reduce: str, round: int | None = None) -> int:
+        return sum(self.declared[n].size for n in self.names(reduce, round))
+
+    def pack(self, reduce: str, device: torch.device = CPU, round: int | None = None) -> torch.Tensor:
+        """The values of one reduction (exchange: of one round) as a float64 vector of the declared
+        size on ``device``; raises if a value does not fit its declaration."""
         parts = []
-        for n in self.names(reduce):
+        for n in self.names(reduce, round):
             flat = dist.to_device(torch.as_tensor(self.values[n], dtype=torch.float64).detach(), device).reshape(-1)
             if flat.numel() != self.declared[n].size:
                 raise ValueError(f"stat {n!r} has {flat.numel()} values, declared {self.declared[n].size}")
             parts.append(flat)
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)
 
-    def unpack(self, reduce: str, flat: torch.Tensor) -> None:
+    def unpack(self, reduce: str, flat: torch.Tensor, round: int | None = None) -> None:
         """Write reduced values back: floats stay floats, tensors take their declared shape (float64,
         on ``flat``'s device)."""
         offset = 0
-        for n in self.names(reduce):
+        for n in self.names(reduce, round):
             default = self.declared[n].default
             chunk = flat[offset : offset + self.declared[n].size]
             self.values[n] = chunk.reshape(default.shape).clone() if isinstance(default, torch.Tensor) else float(chunk.item())
@@ -88,5 +98,5 @@ class StatSet:
     def pack_cats(self) -> dict[str, list[torch.Tensor]]:
         return {n: [torch.as_tensor(t).detach().cpu() for t in self.values[n]] for n in self.names("cat")}
 
-    def zeros(self, reduce: str, device: torch.device = CPU) -> torch.Tensor:
-        return torch.zeros(self.size(reduce), dtype=torch.float64, device=device)
+    def zeros(self, reduce: str, device: torch.device = CPU, round: int | None = None) -> torch.Tensor:
+        return torch.zeros(self.size(reduce, round), dtype=torch.float64, device=device)

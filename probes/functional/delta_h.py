@@ -187,26 +187,49 @@ def future_entropy(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return hm.flip(-1).cumsum(-1).flip(-1) - hm
 
 
-def loo_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[N, L]: at (i, t) the mean of x[j, t] over the other rows j ≠ i with mask[j, t] = 1 (0 if none)."""
-    total, count = (x * mask).sum(0, keepdim=True), mask.sum(0, keepdim=True)
+def loo_mean(x: torch.Tensor, mask: torch.Tensor, total: torch.Tensor | None = None,
+             count: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, L]: at (i, t) the mean of x[j, t] over the other rows j ≠ i with mask[j, t] = 1 (0 if none).
+    ``total``, ``count`` [L]: Σ_j x·mask and Σ_j mask over all the rows j of the estimate, when
+    these N rows are a part of them (one rank's); default: these rows'."""
+    if total is None:
+        total, count = (x * mask).sum(0, keepdim=True), mask.sum(0, keepdim=True)
     own_total, own_count = total - x * mask, count - mask
     return torch.where(own_count > 0, own_total / own_count.clamp(min=1), torch.zeros_like(x))
 
 
-def value_baseline(h: torch.Tensor, ps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def baseline_totals(h: torch.Tensor, ps: torch.Tensor, mask: torch.Tensor, length: int) -> torch.Tensor:
+    """[3, length] float64: Σ_rows h·mask, P_S·mask and mask per position, zero past the rows'
+    width: what ``value_baseline`` needs of rows that are not at hand (summed over ranks)."""
+    out = torch.zeros(3, length, dtype=torch.float64, device=h.device)
+    m = mask.double()
+    for i, x in enumerate((h.double() * m, ps.double() * m, m)):
+        out[i, : x.shape[1]] = x.sum(0)
+    return out
+
+
+def value_baseline(h: torch.Tensor, ps: torch.Tensor, mask: torch.Tensor,
+                   totals: torch.Tensor | None = None) -> torch.Tensor:
     """b[i, t] ≈ expected future entropy after continuing at t, from the OTHER rows only:
     B_t = h̄_{t+1} + (1 − P̄_S,t+1) B_{t+1} with h̄, P̄_S leave-one-out means per position.
 
     Built from probabilities, not from which other rows happened to stop, so a batch without a
     sampled stop does not shift it (the mean of the others' G_{t+1} would be off by Σ P_S·b).
+    ``totals`` [3, L_all ≥ L] (``baseline_totals`` of every row of the estimate, these included):
+    the means over rows on other ranks too, and the recursion over their positions past these
+    rows' width; -> b [N, L] either way.
     """
-    h_bar, ps_bar = loo_mean(h, mask), loo_mean(ps, mask)
     N, L = h.shape
-    b = torch.zeros(N, L, dtype=torch.float64, device=h.device)
-    for t in range(L - 2, -1, -1):
+    if totals is None:
+        h_bar, ps_bar = loo_mean(h, mask), loo_mean(ps, mask)
+    else:  # pad these rows to every row's width (masked out there), take the others' totals
+        width = totals.shape[1]
+        h, ps, mask = (torch.nn.functional.pad(x.double(), (0, width - L)) for x in (h, ps, mask))
+        h_bar, ps_bar = loo_mean(h, mask, totals[0], totals[2]), loo_mean(ps, mask, totals[1], totals[2])
+    b = torch.zeros(N, h_bar.shape[1], dtype=torch.float64, device=h.device)
+    for t in range(b.shape[1] - 2, -1, -1):
         b[:, t] = h_bar[:, t + 1] + (1 - ps_bar[:, t + 1]) * b[:, t + 1]
-    return b
+    return b[:, :L]
 
 
 def values(h, ps, cont, mask, b, ratio=None) -> torch.Tensor:

@@ -121,3 +121,35 @@ class ExchangeProbe(Probe):
 
     def compute(self):
         return {"seen": self.stats["seen"]}
+
+
+class TwoRoundProbe(Probe):
+    """Round 0 sends rank + 1; ``on_exchanged`` of round 0 sends the round-0 sum times (rank + 1)
+    in round 1; logs round 1's sum after the update, summed (2 ranks: 3·1 + 3·2 = 9 each). Option
+    ``fail_rank``: raises in ``on_exchanged`` of round 0 on that rank."""
+
+    kind = "test_two_rounds"
+
+    def setup(self, ctx):
+        self.rank = ctx.world.rank
+        self.fail_rank = self.options.get("fail_rank")
+        self.add_stat("v0", reduce="exchange")
+        self.add_stat("v1", torch.zeros(2), reduce="exchange", round=1)
+        self.add_stat("rounds", reduce="max")
+        self.add_stat("seen")
+
+    def on_after_backward(self, ctx):
+        self.stats["v0"] = self.rank + 1.0
+
+    def on_exchanged(self, ctx, round):
+        if round == 0 and self.rank == self.fail_rank:
+            raise RuntimeError("boom")
+        if round == 0:
+            self.stats["v1"] = torch.full((2,), self.stats["v0"] * (self.rank + 1))
+        self.stats["rounds"] = round + 1.0
+
+    def on_after_optimizer_step(self, ctx):
+        self.stats["seen"] = float(self.stats["v1"][0])
+
+    def compute(self):
+        return {"seen": self.stats["seen"], "rounds": self.stats["rounds"]}

@@ -122,6 +122,26 @@ def test_future_entropy_loo_mean_and_value_baseline():
     assert b[0, 3].item() == 0.0
 
 
+def test_value_baseline_of_a_part_with_every_rows_totals_is_the_wholes():
+    """Rows split over "ranks", each trimmed to its own width: with the totals summed over the
+    parts, each part's baseline equals the rows' baseline computed with all of them at hand
+    (the others' means, and the recursion over positions only other parts reach)."""
+    gen = torch.Generator().manual_seed(5)
+    h, ps = torch.rand(7, 9, generator=gen, dtype=torch.float64), torch.rand(7, 9, generator=gen, dtype=torch.float64)
+    lengths = torch.tensor([9, 3, 5, 2, 8, 4, 1])
+    mask = (torch.arange(9) < lengths[:, None]).double()
+    whole = F.value_baseline(h * mask, ps * mask, mask)
+    parts = [slice(0, 3), slice(3, 4), slice(4, 7)]
+    widths = [int(lengths[s].max()) for s in parts]
+    totals = sum(F.baseline_totals(h[s, :w], ps[s, :w], mask[s, :w], 12) for s, w in zip(parts, widths))
+    for s, w in zip(parts, widths):
+        got = F.value_baseline(h[s, :w] * mask[s, :w], ps[s, :w] * mask[s, :w], mask[s, :w], totals)
+        assert got.shape == (s.stop - s.start, w)
+        torch.testing.assert_close(got, whole[s, :w], rtol=1e-12, atol=1e-12)
+    own = F.value_baseline(h[parts[1], :3], ps[parts[1], :3], mask[parts[1], :3])
+    assert not torch.allclose(own, whole[parts[1], :3]), "one part alone is another baseline"
+
+
 def test_values_recursion_unrolled_by_hand():
     h = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64)
     ps = torch.tensor([[0.1, 0.2, 0.3]], dtype=torch.float64)

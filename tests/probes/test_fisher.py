@@ -105,8 +105,9 @@ def test_contributions_sum_to_delta_h_of_the_real_update(monkeypatch, optimizer,
     s = _session("probes.probes=[{name: dh, kind: delta_h, options: {batch_size: 8}},"
                  f" {{name: fk, kind: fisher, options: {{batch_size: 8, microbatch_size: {micro}}}}}]",
                  f"train.grad_clip={clip}", "train.weight_decay=0")
-    if micro == 8:
-        monkeypatch.setattr(FisherProbe, "_baseline", lambda *a: pytest.fail("a separate baseline pass"))
+    forwards = []  # the E microbatches' forwards (the U pass has its own)
+    terms = FisherProbe._terms
+    monkeypatch.setattr(FisherProbe, "_terms", lambda self, *a: forwards.append(1) or terms(self, *a))
     tr = s.trainer
     lr = tr.lr_scheduler.get_last_lr()[0]
     if optimizer == "sgd":
@@ -118,6 +119,7 @@ def test_contributions_sum_to_delta_h_of_the_real_update(monkeypatch, optimizer,
     assert out["probe/fk/contrib_ratio"] == pytest.approx(1.0, abs=1e-4)
     assert out["probe/fk/contrib_up"] > 0 > out["probe/fk/contrib_down"]
     assert tr.probes.probes[0].ebatches.generations == 1, "δH and Fisher share one E-batch"
+    assert len(forwards) == (1 if micro == 8 else 2 * 3), "B_E ≤ microbatch: no pass of its own for the baseline"
 
 
 def test_f_is_declared_without_storage_and_summed_where_it_is_computed():

@@ -234,6 +234,20 @@ def test_exchange_stats_are_summed_over_the_ranks_before_the_update():
         assert outs[1]["probe/x/seen"] == 2 * 9.0  # each rank saw (1 + 2)·3 after the update
 
 
+def test_exchange_rounds_follow_each_other_and_a_failure_in_between_disables_everywhere():
+    """Round 1's values are set from round 0's sums (on_exchanged), then summed in turn; a probe
+    that raises between the rounds on one rank still sends (zeros), so nothing hangs."""
+    from tests.helpers.toy_probes import TwoRoundProbe
+
+    (outs0, _), (outs1, _) = run_ranks(lambda: [TwoRoundProbe("r"), SumProbe("good")], [1, 2])
+    for outs in (outs0, outs1):
+        assert [(o["probe/r/seen"], o["probe/r/rounds"]) for o in outs] == [(2 * 9.0, 2.0)] * 2  # each rank saw 9
+    (outs0, m0), (outs1, m1) = run_ranks(lambda: [TwoRoundProbe("r", 1, {"fail_rank": 0}), SumProbe("good")], [1, 2])
+    for outs in (outs0, outs1):
+        assert all(o["probe/good/a"] == 3.0 and "probe/r/seen" not in o for o in outs)
+    assert m0.disabled == m1.disabled == {"r"}
+
+
 def test_exchange_takes_one_collective_after_the_last_backward_of_ppo_epoch_0_at_due_steps():
     from types import SimpleNamespace
 
