@@ -139,9 +139,9 @@ def test_a_step_reduces_trainer_and_probe_stats_in_one_sum_collective():
     tr.world = Spy()
     out = tr.train_step()
     # rollout: one all_gather_object of pass rates per round; before the update: fisher's
-    # exchange (F summed over the ranks); reduce: sum, max, min, the cat-gather.
+    # exchange in two rounds (its baseline totals, then F); reduce: sum, max, min, the cat-gather.
     rounds = int(out.metrics["rollout/rounds"])
-    want = ["all_reduce_sum"] * 2 + ["all_reduce_max", "all_reduce_min"] + ["all_gather_object"] * (rounds + 1)
+    want = ["all_reduce_sum"] * 3 + ["all_reduce_max", "all_reduce_min"] + ["all_gather_object"] * (rounds + 1)
     assert sorted(calls) == sorted(want), calls
     assert out.metrics["rollout/completion_len_max"] > 0 and math.isfinite(out.metrics["train/loss"])
     assert out.metrics["probe/gns/P"] > 0 and "probe/delta_h/pred" in out.metrics
