@@ -15,7 +15,7 @@ methods of the trainer instance are wrapped, each calling the original:
 | ``_generate_and_score_completions`` | TRL shuffles the generation batch before splitting it into microbatches: a group id must travel with the rows (GNS) | nothing; adds ``GROUP_KEY`` |
 | ``compute_loss`` | the microbatch and its forward (captures attach before it) | ``on_before_microbatch``; the first microbatch of a step begins it |
 | ``_get_per_token_logps_and_entropies`` | TRL's per-token log-probs of the microbatch, from its forward | nothing; keeps them for ``on_after_backward`` (``token_logp``) |
-| ``training_step`` | the backward is inside it; after the window's last one the gradient is synced and not yet clipped | ``on_after_backward``; ``on_before_optimizer_step`` and θ_k's snapshot after the last microbatch |
+| ``training_step`` | the backward is inside it; after the window's last one the gradient is synced and not yet clipped | ``on_after_backward``; after the last microbatch the exchange rounds (``on_exchanged``), ``on_before_optimizer_step`` and θ_k's snapshot |
 | ``_load_optimizer_and_scheduler`` | called with the checkpoint's folder when a run resumes (callbacks are not told it) | nothing; loads the probes' state saved there |
 
 and the callback's ``on_optimizer_step`` (after ``optimizer.step``, before ``zero_grad``) fires

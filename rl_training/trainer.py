@@ -9,7 +9,8 @@
           probes.on_before_microbatch(ctx)        # captures attach (per-sequence gradients)
           with no_sync unless last: loss(mb).backward()
           probes.on_after_backward(ctx)           # local, per-microbatch gradients (GNS small batch); after
-                                                  # the last of epoch 0: exchange-stats summed over the ranks
+                                                  # the last of epoch 0: exchange-stats summed over the ranks,
+                                                  # a round at a time, each followed by probes.on_exchanged
       probes.on_before_optimizer_step(ctx)        # synced gradient (GNS big batch)
       if epoch == 0: snapshot θ_k                 # once per step, only if a due probe asks
       clip; optimizer.step()
