@@ -220,12 +220,10 @@ def value_baseline(h: torch.Tensor, ps: torch.Tensor, mask: torch.Tensor,
     rows' width; -> b [N, L] either way.
     """
     N, L = h.shape
-    if totals is None:
-        h_bar, ps_bar = loo_mean(h, mask), loo_mean(ps, mask)
-    else:  # pad these rows to every row's width (masked out there), take the others' totals
-        width = totals.shape[1]
-        h, ps, mask = (torch.nn.functional.pad(x.double(), (0, width - L)) for x in (h, ps, mask))
-        h_bar, ps_bar = loo_mean(h, mask, totals[0], totals[2]), loo_mean(ps, mask, totals[1], totals[2])
+    totals = baseline_totals(h, ps, mask, L) if totals is None else totals
+    # these rows padded to every row's width (masked out there), against every row's totals
+    h, ps, mask = (torch.nn.functional.pad(x.double(), (0, totals.shape[1] - L)) for x in (h, ps, mask))
+    h_bar, ps_bar = loo_mean(h, mask, totals[0], totals[2]), loo_mean(ps, mask, totals[1], totals[2])
     b = torch.zeros(N, h_bar.shape[1], dtype=torch.float64, device=h.device)
     for t in range(b.shape[1] - 2, -1, -1):
         b[:, t] = h_bar[:, t + 1] + (1 - ps_bar[:, t + 1]) * b[:, t + 1]
