@@ -40,6 +40,7 @@ BENCHES = {
     "fisher_kernels_qwen": ["bench/fisher_cost.py", "--shape", "qwen2.5-1.5b", "--rounds", "0",
                             "--set", "rollout.max_new_tokens=16"],
     "sketch_rate": ["bench/sketch_rate.py"],
+    "stop_matcher": ["bench/stop_matcher.py"],
 }
 
 
@@ -116,6 +117,14 @@ def rows(results: dict) -> list[tuple[str, str, str]]:
         out.append((f"Fisher exact mode's cross-rank sketch, R by the counter generator / by torch's ({r['device']})",
                     f"{r['counter_over_torch']:.2f}", f"time, alternated, medians; {r['rows']} rows × {r['dim']:,} "
                     f"parameters, k {r['k']}; torch {r['normals_per_s']['torch'] / 1e9:.2f} G normals/s"))
+    if "stop_matcher" in results:
+        r = results["stop_matcher"]
+        for name, s in r["settings"].items():
+            out.append((f"rollout call, HF's stop matcher built every call / built once ({name}: {s['rows']} rows × "
+                        f"{s['new_tokens']} tokens)", f"{s['per_call_over_once']:.3f}",
+                        f"{len(s['seconds']['once'])} alternated pairs, median difference "
+                        f"(+{s['per_call_extra_s_median']:.2f} s on {s['once_s_median']:.1f} s); the build alone "
+                        f"{r['build_s_median']:.2f} s at vocab {r['vocab']:,}"))
     return out
 
 

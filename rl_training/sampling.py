@@ -9,10 +9,12 @@ run draws what the uninterrupted run would have drawn.
 from __future__ import annotations
 
 import hashlib
+import weakref
 from dataclasses import dataclass
 
 import torch
-from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList
+from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
+from transformers.generation.stopping_criteria import StopStringCriteria
 
 from rl_training.counter_rng import counter_uniforms
 from rl_training.policy import trim
@@ -83,6 +85,22 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+_STOP_CRITERIA: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {stop strings: criteria}
+
+
+def stop_string_criteria(tokenizer, stop_strings: tuple[str, ...]) -> StopStringCriteria:
+    """HF's matcher of stop strings on token ids (a table of where each token's bytes can sit in
+    a stop string, then a few vectorised ops a decode step, on the device), built once per
+    tokenizer and stop strings. ``generate(stop_strings=...)`` builds it at every call, and
+    building it walks the whole vocabulary: 0.5 s a call at SmolLM2's 49,152 tokens on these
+    cores (HF caches it, but the cache never hits: its key is ``get_vocab()``'s order, which a
+    fast tokenizer's hash map changes from call to call)."""
+    per_tokenizer = _STOP_CRITERIA.setdefault(tokenizer, {})
+    if stop_strings not in per_tokenizer:
+        per_tokenizer[stop_strings] = StopStringCriteria(tokenizer, list(stop_strings))
+    return per_tokenizer[stop_strings]
+
+
 def compiled_generation(backend: str, device: torch.device) -> dict:
     """``generate`` arguments for a static KV cache and a compiled forward on any device (HF
     compiles on its own only on accelerators; CUDA graphs where the device has them)."""
@@ -141,8 +159,8 @@ def sample(
             top_k=None,
             repetition_penalty=1.0,
             logits_processor=LogitsProcessorList([sampler]),
-            stop_strings=list(stop_strings) or None,
-            tokenizer=tokenizer,
+            stopping_criteria=StoppingCriteriaList([stop_string_criteria(tokenizer, tuple(stop_strings))])
+            if stop_strings else None,
             eos_token_id=sorted(eos),
             pad_token_id=pad_id,
             use_cache=True,

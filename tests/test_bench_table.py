@@ -33,6 +33,12 @@ def test_table_has_one_row_per_ratio():
     text = run_all.table({**RESULTS, "fisher_kernels_qwen": counted}, INFO)
     assert ("| exact Fisher kernel (16 seq.), device kernels / the plain pass's, Qwen2.5-1.5B shape | 1.08 | counted; "
             "12386 kernels (Gram 149) against 11434, c_j 160 more, 392 LoRA modules; mode sketch 17717 (1.55) |") in text
+    stops = {"vocab": 49152, "build_s_median": 0.47, "settings": {"demo": {
+        "rows": 16, "new_tokens": 64, "per_call_over_once": 1.038, "per_call_extra_s_median": 0.45,
+        "once_s_median": 11.8, "seconds": {"once": [11.8] * 5, "per_call": [12.3] * 5}}}}
+    assert ("| rollout call, HF's stop matcher built every call / built once (demo: 16 rows × 64 tokens) | 1.038 | "
+            "5 alternated pairs, median difference (+0.45 s on 11.8 s); the build alone 0.47 s at vocab 49,152 |"
+            ) in run_all.table({"stop_matcher": stops}, INFO)
     assert run_all.rows({}) == []
 
 

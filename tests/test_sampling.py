@@ -1,4 +1,5 @@
 import torch
+from transformers.generation.stopping_criteria import StopStringCriteria
 
 from rl_training import policy
 from rl_training.models import TINY_RANDOM, ModelSpec, load_tokenizer_and_model
@@ -61,3 +62,27 @@ def test_sampled_logps_are_the_policy_at_the_sampled_tokens():
     assert mask.sum() > 10
     assert float((full - comps.logp).abs()[mask].max()) < 1e-4
     assert bool((comps.logp[~mask] == 0).all())
+
+
+def test_stop_strings_end_the_decode_and_their_matcher_is_built_once(monkeypatch):
+    """A stop string that most tokens hold ("e"): the decode ends when every row has met it,
+    not at max_new_tokens, and the completions end there; HF's matcher is built once for the
+    tokenizer, not at each call (building it walks the whole vocabulary)."""
+    import rl_training.sampling as sampling
+
+    tokenizer, model = load_tokenizer_and_model(ModelSpec(TINY_RANDOM, seed=0))
+    built = []
+    monkeypatch.setattr(sampling, "StopStringCriteria", lambda tok, stops: built.append(stops) or
+                        StopStringCriteria(tok, stops))
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    prompts, seeds = ["What is 2 + 3?", "Count to three:", "x"], [1, 2, 3]
+    settings = dict(max_new_tokens=40, temperature=1.0, stop_strings=("e",), max_prompt_tokens=64)
+    comps = sample(model, tokenizer, prompts, seeds, **settings)
+    lengths = comps.completion_mask.sum(1).tolist()
+    for ids, n in zip(comps.completion_ids.tolist(), lengths):  # the first "e" is in the last token
+        assert "e" in tokenizer.decode(ids[:n]) and "e" not in tokenizer.decode(ids[: n - 1])
+    assert max(lengths) < 40 and len(forwards) == max(lengths), (lengths, len(forwards))
+    again = sample(model, tokenizer, prompts, seeds, **settings)
+    assert torch.equal(again.completion_ids, comps.completion_ids)
+    assert built == [["e"]], "one matcher for the tokenizer and its stop strings"
