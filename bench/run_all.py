@@ -4,7 +4,7 @@ Runs each bench script in turn as its own process (one at a time: they time the 
 reads the JSON each writes, and puts the ratios side by side with the machine they were
 measured on. ``--readme`` replaces the table between the README's bench markers.
 
-    python bench/run_all.py --readme            # ≈ 40 min on 2 CPU cores
+    python bench/run_all.py --readme            # ≈ 55 min on 2 CPU cores
     python bench/run_all.py --table-only        # rebuild the table from bench/results/*.json
                                                 # (else the committed bench/results.json)
 """
@@ -41,6 +41,7 @@ BENCHES = {
                             "--set", "rollout.max_new_tokens=16"],
     "sketch_rate": ["bench/sketch_rate.py"],
     "stop_matcher": ["bench/stop_matcher.py"],
+    "derivative_precision": ["bench/derivative_precision.py"],
 }
 
 
@@ -125,6 +126,14 @@ def rows(results: dict) -> list[tuple[str, str, str]]:
                         f"{len(s['seconds']['once'])} alternated pairs, median difference "
                         f"(+{s['per_call_extra_s_median']:.2f} s on {s['once_s_median']:.1f} s); the build alone "
                         f"{r['build_s_median']:.2f} s at vocab {r['vocab']:,}"))
+    if "derivative_precision" in results:
+        r = results["derivative_precision"]
+        tok = max(max(s["model"]["tangent_rel_err"].values()) for s in r["steps"])
+        out.append(("δH₁ from bf16 derivatives, error / δH₁'s SE (float64 derivatives the reference)",
+                    f"{r['pred_err_over_se_max']['model']:.3f}",
+                    f"demo's SmolLM2 in bf16, {len(r['steps'])} steps, B_E {r['be']}, worst step; per-token errors up "
+                    f"to {tok:.2f}; {r['pred_err_over_second_order_max']['model']:.1f}× the second-order term δH₁ − ΔH_true; float32 "
+                    f"derivatives {r['pred_err_over_se_max']['float32']:.1e} SE"))
     return out
 
 

@@ -42,11 +42,11 @@ from rl_training.session import build_session  # noqa: E402
 DEMO = "cfg/smollm2_cpu_demo.yaml"
 
 
-def trainer_of(setting: str, work: Path):
+def trainer_of(setting: str, work: Path, rows: int = 128):
     overrides = ["probes.probes=[]"]
     if setting == "fast":
         model = save_random_model(save_smollm2_tokenizer(work / "tokenizer"), work / "model", "tiny", torch.float32)
-        overrides += [f"model.name_or_path={model}", "rollout.generation_batch_size=128"]
+        overrides += [f"model.name_or_path={model}", f"rollout.generation_batch_size={rows}"]
     return build_session(load_config(DEMO, overrides), dist.DistInfo()).trainer
 
 
@@ -83,12 +83,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=5, help="timed pairs of calls, after one warm-up pair")
     ap.add_argument("--settings", default="fast,demo", help="comma-separated: fast, demo")
+    ap.add_argument("--rows", type=int, default=128, help="rows of the fast setting's call")
     ap.add_argument("--out", type=Path, default=Path("bench/results/stop_matcher.json"))
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="stop_matcher_"))
     result = {"stop_strings": list(STOP_STRINGS), "settings": {}}
     for setting in args.settings.split(","):
-        trainer = trainer_of(setting, work)
+        trainer = trainer_of(setting, work, args.rows)
         result["settings"][setting] = measure(trainer, args.reps)
         build = []
         for _ in range(3):

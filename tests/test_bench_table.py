@@ -39,6 +39,12 @@ def test_table_has_one_row_per_ratio():
     assert ("| rollout call, HF's stop matcher built every call / built once (demo: 16 rows × 64 tokens) | 1.038 | "
             "5 alternated pairs, median difference (+0.45 s on 11.8 s); the build alone 0.47 s at vocab 49,152 |"
             ) in run_all.table({"stop_matcher": stops}, INFO)
+    prec = {"be": 8, "steps": [{"model": {"tangent_rel_err": {"dh": 0.05, "dlp": 0.04, "dps": 0.12}}}],
+            "pred_err_over_se_max": {"model": 0.0131, "float32": 2e-6},
+            "pred_err_over_second_order_max": {"model": 0.61}}
+    assert ("| δH₁ from bf16 derivatives, error / δH₁'s SE (float64 derivatives the reference) | 0.013 | demo's "
+            "SmolLM2 in bf16, 1 steps, B_E 8, worst step; per-token errors up to 0.12; 0.6× the second-order term δH₁ − ΔH_true; "
+            "float32 derivatives 2.0e-06 SE |") in run_all.table({"derivative_precision": prec}, INFO)
     assert run_all.rows({}) == []
 
 
