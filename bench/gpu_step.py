@@ -13,9 +13,10 @@ table and writes JSON:
   GPU; its first call, the compilation, is reported apart), alternated; completion tokens/s and
   ms per decode step against the bound of reading every weight once per step at the measured
   copy bandwidth; a compile failure is reported, not fatal;
-- step: our trainer without probes, with δH (B_E 16), with gns + ess, with Fisher (mode sketch,
-  B_E 16), and without probes but with the compiled decode, alternated step by step (five
-  trainers, one model each), medians, each one's extra time over the bare step;
+- step: our trainer without probes, with δH (B_E 16; on a GPU its float32 products with the bf16
+  weights as split bf16 GEMMs, and again with float32 GEMMs: ``delta_h_fp32``), with gns + ess,
+  with Fisher (mode sketch, B_E 16), and without probes but with the compiled decode, alternated
+  step by step (six trainers, one model each), medians, each one's extra time over the bare step;
 - the rollout–training mismatch our trainer logs (mean and max |Δ log π| per token);
 - TRL 1.16's GRPOTrainer on the same model and work, alternated with ours (``--trl``; needs trl
   and datasets installed);
@@ -70,6 +71,8 @@ SETTINGS = {  # shape -> (config, overrides, decode rows B, new tokens L)
 TRAINERS = {  # name -> overrides
     "bare": ["probes.probes=[]"],
     "delta_h": ["probes.probes=[{name: delta_h, kind: delta_h, options: {batch_size: 16}}]"],
+    # the same with float32 GEMMs for the products with the bf16 weights (delta_h splits them on a GPU)
+    "delta_h_fp32": ["probes.probes=[{name: delta_h, kind: delta_h, options: {batch_size: 16, split_matmul: never}}]"],
     "gns_ess": ["probes.probes=[{name: gns, kind: gns}, {name: ess, kind: ess}]"],
     # the Fisher probe as the user's scale needs it (exact rows: 144 × 74 M floats), every step
     "fisher_sketch": ["probes.probes=[{name: fisher, kind: fisher, options: {batch_size: 16, mode: sketch, "
@@ -175,6 +178,7 @@ def steps(trainers: dict, n: int, deadline: float = float("inf")) -> dict:
                                       if k.startswith("probe/") and "/time" in k}}  # capture time too (inside the backward)
         if "probe/delta_h/theta_k_own_forward" in rs[0]:
             out[name]["theta_k_own_forward"] = max(r["probe/delta_h/theta_k_own_forward"] for r in rs)
+            out[name]["split_matmul"] = max(r["probe/delta_h/split_matmul"] for r in rs)
     bare = out["bare"]["s_median"]
     for name, row in out.items():
         row["overhead_of_bare_step"] = (row["s_median"] - bare) / bare
@@ -257,9 +261,10 @@ def table(r: dict) -> str:
     s = r["steps"]
     lines.append(f"| our step, no probes (engine merge_lora={r['engine_merge_lora']}) | {s['bare']['s_median']:.2f} s, "
                  f"rollout {s['bare']['rollout_s_median']:.2f} s, {s['bare']['completion_tokens_per_s']:.0f} tok/s |")
-    for name in ("delta_h", "gns_ess", "fisher_sketch"):
+    for name in ("delta_h", "delta_h_fp32", "gns_ess", "fisher_sketch"):
         if name in s:
-            lines.append(f"| {name} probe(s), extra / bare step | {s[name]['overhead_of_bare_step']:+.3f} |")
+            split = {1.0: ", split bf16 GEMMs", 0.0: ", float32 GEMMs"}.get(s[name].get("split_matmul"), "")
+            lines.append(f"| {name} probe(s){split}, extra / bare step | {s[name]['overhead_of_bare_step']:+.3f} |")
     if "delta_h" in s:
         own = s["delta_h"]["theta_k_own_forward"]
         lines.append(f"| δH: θ_k's values from the forward-mode pass | {'no: a forward of its own' if own else 'yes'} |")

@@ -26,7 +26,10 @@ over all ranks, default 16), ``completions_per_prompt`` (k, default 2), ``microb
 rollout engine (bf16, LoRA-merged or compiled decoding), whose policy differs from the evaluated
 π_θk by rounding; per_decision importance-weights every decision back to π_θk with the log-prob
 the sampler reports for each token, so the estimates are unbiased for π_θk (none: estimates for
-the sampler's policy, which the weights' ESS says how far off).
+the sampler's policy, which the weights' ESS says how far off), ``split_matmul`` (auto | always | never,
+default auto: on over a bf16 model on a GPU): the float32 passes' products with the frozen
+weights as sums of bf16 GEMMs with float32 output, float32's accuracy at a fraction of its cost
+(``probes/split_matmul.py``).
 
 | key | meaning |
 |---|---|
@@ -43,6 +46,7 @@ the sampler's policy, which the weights' ESS says how far off).
 | `stops_multi` | completions that ended with a multi-token stop string (decision seen only at its last token) |
 | `logp_gap_tok` | mean per-token |log π in the probe's precision − log π as the trainer computes it (the model's dtype, under the trainer's autocast if it wraps forward)| (0 when they are the same) |
 | `sampler_gap_tok`, `sampler_ess_frac` | how far the policy that sampled the E-batch (bf16, LoRA-merged or compiled decode) is from the evaluated π_θk: mean per-token |log π_θk − log π_sampler|, and Kish ESS / B_E of the sequence weights π_θk(y)/π_sampler(y) (1: the two are the same; ``sampler_correction`` per_decision weights each decision by its ratio) |
+| `split_matmul` | 1: the float32 passes took their products with the bf16 frozen weights as split bf16 GEMMs (``split_matmul``), 0: as float32 GEMMs |
 | `theta_k_own_forward` | 0: the values at θ_k came from the derivative pass (bit for bit a plain forward's, checked once per run); 1: on this device they differ, so θ_k gets a forward of its own (on any rank) |
 | `time_gen_s`, `time_fwd_s`, `time_jvp_s` | cost: E-batch generation, the forward at θ_{k+1}, the derivative pass, which also gives the values at θ_k (slowest rank) |
 """
@@ -56,14 +60,15 @@ import torch
 
 from probes.base import Probe, SetupContext, StepContext
 from probes.ebatch import EBatch, EBatchSpec, sampler_correction, spec_from_options
-from probes.evaluation import PRECISIONS, PolicyEvaluator, trainer_wraps_forward
+from probes.evaluation import PRECISIONS, SPLIT_MATMUL, PolicyEvaluator, trainer_wraps_forward
 from probes.functional import delta_h as F
 from probes.manager import register
 from rl_training.errors import ConfigError
 from rl_training.policy import microbatches
 
 
-OPTIONS = {"batch_size", "completions_per_prompt", "microbatch_size", "pool", "precision", "sampler_correction"}
+OPTIONS = {"batch_size", "completions_per_prompt", "microbatch_size", "pool", "precision", "sampler_correction",
+           "split_matmul"}
 
 
 @register
@@ -79,6 +84,10 @@ class DeltaHProbe(Probe):
         self.precision = self.options.get("precision", "auto")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"probe '{self.name}': precision must be {'|'.join(PRECISIONS)}, got {self.precision!r}")
+        self.split_matmul = self.options.get("split_matmul", "auto")
+        if self.split_matmul not in SPLIT_MATMUL:
+            raise ConfigError(f"probe '{self.name}': split_matmul must be {'|'.join(SPLIT_MATMUL)}, "
+                              f"got {self.split_matmul!r}")
         self.sampler_correction = sampler_correction(self.options, self.name)
         self.ebatches = ctx.ebatches
         self.ebatches.check(self.spec, f"probe '{self.name}'")
@@ -96,6 +105,7 @@ class DeltaHProbe(Probe):
         for part in ("gen", "fwd", "jvp"):  # cost breakdown, slowest rank
             self.add_stat(f"time_{part}_s", reduce="max")
         self.add_stat("theta_k_own_forward", reduce="max")
+        self.add_stat("split_matmul", reduce="max")
         self.lr = float("nan")
 
     def spec_at(self, batch_size: int) -> EBatchSpec:
@@ -106,7 +116,8 @@ class DeltaHProbe(Probe):
 
     def evaluator(self, model) -> PolicyEvaluator:
         if self._evaluator is None or self._evaluator.model is not model:
-            self._evaluator = PolicyEvaluator(model, self.precision, self.cfg.rollout.temperature)
+            self._evaluator = PolicyEvaluator(model, self.precision, self.cfg.rollout.temperature,
+                                              split_matmul=self.split_matmul)
         return self._evaluator
 
     # -------------------------------------------------------------------------- hooks
@@ -218,12 +229,14 @@ class DeltaHProbe(Probe):
             self.stats["tables"].append(table)
             self.stats["rows"].append(rows)
         self.stats["theta_k_own_forward"] = float(self.evaluator(model).primal_is_plain is False)
+        self.stats["split_matmul"] = float(self.evaluator(model).split)
 
     # -------------------------------------------------------------------------- results
     def compute(self) -> dict[str, float]:
         s = self.stats
         out = {f"time_{p}_s": s[f"time_{p}_s"] for p in ("gen", "fwd", "jvp")}
         out["theta_k_own_forward"] = s["theta_k_own_forward"]
+        out["split_matmul"] = s["split_matmul"]
         out.update(self.estimates(s["tables"], s["rows"]))
         out["cov_pred"] = F.cov_prediction(self.lr, s["tok_n"], s["tok_lp"], s["tok_a"], s["tok_lpa"])
         out["logp_gap_tok"] = s["gap_sum"] / s["gap_n"] if s["gap_n"] else 0.0

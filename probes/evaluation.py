@@ -17,6 +17,11 @@ plain forward at θ_{k+1} then takes the jvp's own code path. Whether its values
 bit for bit (they do on CPU, tested; a GPU library could pick other kernels under forward AD) is
 checked once per evaluator; where they differ, θ_k gets a plain forward again, so that S(θ_k) and
 S(θ_{k+1}) never differ by a change of kernel.
+
+Over a bf16 model on a GPU the float32 products with the frozen weights are taken as sums of
+bf16 GEMMs with float32 output (``split_matmul``: auto | always | never; ``probes/split_matmul.py``):
+float32's accuracy at three bf16 GEMMs' cost (a fifth of one float32 GEMM's at peak rates) plus
+the splitting's elementwise passes, and the frozen linear weights stay in bf16 (no float32 copy).
 """
 
 from __future__ import annotations
@@ -28,10 +33,12 @@ import torch
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from probes import split_matmul as split
 from probes.functional.delta_h import token_terms
 from rl_training import policy
 
 PRECISIONS = ("auto", "float32", "float64", "model")
+SPLIT_MATMUL = ("auto", "always", "never")  # YAML reads on/off as booleans
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -48,13 +55,17 @@ def eval_mode(model: torch.nn.Module):
 
 @contextlib.contextmanager
 def exact_matmuls():
-    """No TF32 while a probe evaluates: its rounding (10-bit mantissa) would swamp small Δθ."""
+    """No TF32 while a probe evaluates: its rounding (10-bit mantissa) would swamp small Δθ; and
+    no bf16 partial sums in cuBLAS's bf16 GEMMs (the split matmuls sum in float32)."""
     old = torch.get_float32_matmul_precision()
+    old_bf16 = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
     torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
     try:
         yield
     finally:
         torch.set_float32_matmul_precision(old)
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = old_bf16
 
 
 # transformers, peft and TRL all name it so (PreTrainedModel.enable_input_require_grads and copies)
@@ -121,10 +132,12 @@ def probe_model(model: torch.nn.Module, own_forward: bool = True):
 
 
 @contextlib.contextmanager
-def probe_forward(model: torch.nn.Module, own_forward: bool = True):
+def probe_forward(model: torch.nn.Module, own_forward: bool = True, split_matmuls: bool = False):
     """The one setting of every probe forward without a backward (δH's): ``probe_model``, no
-    TF32, SDPA's math backend (the one with a forward-mode derivative)."""
-    with probe_model(model, own_forward), exact_matmuls(), sdpa_kernel([SDPBackend.MATH]):
+    TF32, SDPA's math backend (the one with a forward-mode derivative), and with
+    ``split_matmuls`` float32 products with bf16 weights as split bf16 GEMMs."""
+    with probe_model(model, own_forward), exact_matmuls(), sdpa_kernel([SDPBackend.MATH]), \
+            split.SplitLinearMode() if split_matmuls else contextlib.nullcontext():
         yield
 
 
@@ -140,18 +153,28 @@ def resolve_dtype(model: torch.nn.Module, precision: str) -> torch.dtype:
 class PolicyEvaluator:
     """``terms``/``terms_jvp``: per-token h, log π(y_t), P_S of completions at given LoRA values."""
 
-    def __init__(self, model: torch.nn.Module, precision: str, temperature: float, trainer_forward: bool = False):
+    def __init__(self, model: torch.nn.Module, precision: str, temperature: float, trainer_forward: bool = False,
+                 split_matmul: str = "auto"):
         self.model, self.temperature = model, temperature
         self.own_forward = not trainer_forward  # trainer_forward: through a trainer's autocast wrapper
         self.dtype = resolve_dtype(model, precision)
+        base = next(p for p in model.parameters() if not p.requires_grad)
+        wanted = self.dtype == torch.float32 and base.dtype == torch.bfloat16 and (
+            split_matmul == "always" or (split_matmul == "auto" and base.device.type == "cuda"))
+        self.split = wanted and (split_matmul == "always" or split.available(base.device))
+        if wanted and not self.split:
+            warnings.warn(f"probe forwards: bf16 GEMMs with float32 output do not work here (torch {torch.__version__}); "
+                          "float32 GEMMs instead (slower, as accurate)", stacklevel=2)
         self._frozen: dict[str, torch.Tensor] | None = None
         self.primal_is_plain: bool | None = None  # the jvp's values == ``terms``, bit for bit (checked once)
 
     def _params(self, trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self._frozen is None:
             cast = any(p.dtype != self.dtype for p in self.model.parameters() if p.is_floating_point())
+            kept = _matmul_weights(self.model) if self.split else set()  # the split reads them in bf16
             self._frozen = {
-                n: p.detach().to(self.dtype) for n, p in self.model.named_parameters() if not p.requires_grad
+                n: p.detach() if n in kept else p.detach().to(self.dtype)
+                for n, p in self.model.named_parameters() if not p.requires_grad
             } if cast else {}
         return {**self._frozen, **{n: t.to(self.dtype) for n, t in trainable.items()}}
 
@@ -166,7 +189,7 @@ class PolicyEvaluator:
 
     @torch.no_grad()
     def terms(self, tensors: policy.TokenBatch, stops, trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        with probe_forward(self.model, self.own_forward):
+        with probe_forward(self.model, self.own_forward, self.split):
             return self._terms(tensors, stops, self._params(trainable))
 
     def terms_jvp(self, tensors: policy.TokenBatch, stops, trainable, direction) -> tuple[dict, dict]:
@@ -179,7 +202,7 @@ class PolicyEvaluator:
         def fn(*values):
             return self._terms(tensors, stops, {**base, **dict(zip(names, values))})
 
-        with probe_forward(self.model, self.own_forward):
+        with probe_forward(self.model, self.own_forward, self.split):
             values, tangent_out = jvp(fn, primals, tangents)
         if self.primal_is_plain is False:
             return self.terms(tensors, stops, trainable), tangent_out
@@ -191,6 +214,14 @@ class PolicyEvaluator:
                               "on this device; θ_k gets a forward of its own (one more forward a microbatch)", stacklevel=2)
                 return plain, tangent_out
         return values, tangent_out
+
+
+def _matmul_weights(model: torch.nn.Module) -> set[str]:
+    """Names of the frozen bf16 weights of Linear and Embedding modules (the embedding of a
+    tied lm_head included)."""
+    kinds = (torch.nn.Linear, torch.nn.Embedding)
+    return {f"{name}.weight" if name else "weight" for name, m in model.named_modules()
+            if isinstance(m, kinds) and not m.weight.requires_grad and m.weight.dtype == torch.bfloat16}
 
 
 def same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
