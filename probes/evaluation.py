@@ -158,6 +158,7 @@ class PolicyEvaluator:
         self.model, self.temperature = model, temperature
         self.own_forward = not trainer_forward  # trainer_forward: through a trainer's autocast wrapper
         self.dtype = resolve_dtype(model, precision)
+        assert split_matmul in SPLIT_MATMUL, split_matmul
         base = next(p for p in model.parameters() if not p.requires_grad)
         wanted = self.dtype == torch.float32 and base.dtype == torch.bfloat16 and (
             split_matmul == "always" or (split_matmul == "auto" and base.device.type == "cuda"))

@@ -30,11 +30,11 @@ PIECES = 3  # bf16 carries 8 significand bits; float32 24
 
 def split(x: torch.Tensor) -> list[torch.Tensor]:
     """bf16 pieces of a float32 tensor whose float32 sum is ``x``."""
-    pieces, rest = [], x
-    for _ in range(PIECES):
-        piece = rest.to(torch.bfloat16)
-        pieces.append(piece)
-        rest = rest - piece.float()
+    pieces = [x.to(torch.bfloat16)]
+    rest = x
+    for _ in range(PIECES - 1):
+        rest = rest - pieces[-1].float()
+        pieces.append(rest.to(torch.bfloat16))
     return pieces
 
 
@@ -49,7 +49,10 @@ def split_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """F.linear(x, weight.float(), bias) of float32 ``x`` and bf16 ``weight``, by the split."""
     rows = x.reshape(-1, x.shape[-1])
     wt = weight.t()
-    out = sum(_mm(piece, wt) for piece in split(rows))
+    first, *rest = split(rows)
+    out = _mm(first, wt)
+    for piece in rest:
+        out = out + _mm(piece, wt)
     if bias is not None:
         out = out + bias.float()
     return out.reshape(*x.shape[:-1], weight.shape[0])
