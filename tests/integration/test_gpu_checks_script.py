@@ -26,7 +26,8 @@ def test_every_part_runs_on_the_cpu_shapes(tmp_path):
     assert "ok: 2 steps with every collective on a 1-rank gloo group" in log
     assert "TRL --trl" in proc.stdout  # trl imports here: the step is compared with TRL's
     step = json.loads((out / "gpu_step.json").read_text())
-    assert step["done"] == "trl" and set(step["steps"]) == {"bare", "delta_h", "gns_ess", "fisher_sketch", "compiled"}
+    trainers = {"bare", "delta_h", "delta_h_fp32", "gns_ess", "fisher_sketch", "compiled"}
+    assert step["done"] == "trl" and set(step["steps"]) == trainers
     assert json.loads((out / "gpu_vocab.json").read_text())["vocab"] == 50000
     for name in ("fisher_cost", "fisher_cost_qwen"):
         assert json.loads((out / f"{name}.json").read_text())["kernel_over_plain"] > 0
