@@ -69,6 +69,15 @@ def test_inside_the_mode_other_ops_are_untouched_and_bf16_embeddings_widen():
     assert split._works("cpu")  # the self-check a GPU runs once passes where the arithmetic is emulated
 
 
+def test_the_self_check_fails_where_the_split_is_not_float32_accurate(monkeypatch):
+    split._works.cache_clear()
+    monkeypatch.setattr(split, "PIECES", 1)  # one bf16 piece: a bf16 GEMM
+    try:
+        assert not split._works("cpu")
+    finally:
+        split._works.cache_clear()
+
+
 @pytest.mark.parametrize("mode", ["always", "never"])
 def test_the_evaluator_over_a_bf16_model_gives_float32_values_and_derivatives_either_way(mode):
     model, tensors, stops, theta, delta = _setup("bfloat16")
