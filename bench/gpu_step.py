@@ -265,6 +265,10 @@ def table(r: dict) -> str:
         if name in s:
             split = {1.0: ", split bf16 GEMMs", 0.0: ", float32 GEMMs"}.get(s[name].get("split_matmul"), "")
             lines.append(f"| {name} probe(s){split}, extra / bare step | {s[name]['overhead_of_bare_step']:+.3f} |")
+            t = {k.rsplit("/", 1)[-1]: v for k, v in s[name]["probe_time_s"].items()}
+            if "time_jvp_s" in t:  # where δH's time goes (medians)
+                lines.append(f"| {name}: forward-mode pass / forward at θ_k+1 / E-batch generation | "
+                             f"{t['time_jvp_s']:.2f} / {t['time_fwd_s']:.2f} / {t['time_gen_s']:.2f} s |")
     if "delta_h" in s:
         own = s["delta_h"]["theta_k_own_forward"]
         lines.append(f"| δH: θ_k's values from the forward-mode pass | {'no: a forward of its own' if own else 'yes'} |")

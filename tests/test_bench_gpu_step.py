@@ -45,6 +45,7 @@ def test_gpu_step_bench_smoke_on_the_tiny_shape(tmp_path):
     # split bf16 GEMMs only over a bf16 model on a GPU: the tiny shape is float32 on a CPU
     assert r["steps"]["delta_h"]["split_matmul"] == r["steps"]["delta_h_fp32"]["split_matmul"] == 0
     assert "| delta_h_fp32 probe(s), float32 GEMMs, extra / bare step |" in proc.stdout
+    assert "| delta_h: forward-mode pass / forward at θ_k+1 / E-batch generation |" in proc.stdout
     for name in ("bare", "compiled"):
         assert 0 <= r["steps"][name]["logp_mismatch_tok"] < 1e-3  # fp32: rounding only
     assert math.isfinite(r["trl"]["ratio_ours_over_trl_s_per_step"])
