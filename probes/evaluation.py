@@ -55,17 +55,13 @@ def eval_mode(model: torch.nn.Module):
 
 @contextlib.contextmanager
 def exact_matmuls():
-    """No TF32 while a probe evaluates: its rounding (10-bit mantissa) would swamp small Δθ; and
-    no bf16 partial sums in cuBLAS's bf16 GEMMs (the split matmuls sum in float32)."""
+    """No TF32 while a probe evaluates: its rounding (10-bit mantissa) would swamp small Δθ."""
     old = torch.get_float32_matmul_precision()
-    old_bf16 = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
     torch.set_float32_matmul_precision("highest")
-    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
     try:
         yield
     finally:
         torch.set_float32_matmul_precision(old)
-        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = old_bf16
 
 
 # transformers, peft and TRL all name it so (PreTrainedModel.enable_input_require_grads and copies)
@@ -160,10 +156,10 @@ class PolicyEvaluator:
         self.dtype = resolve_dtype(model, precision)
         assert split_matmul in SPLIT_MATMUL, split_matmul
         base = next(p for p in model.parameters() if not p.requires_grad)
-        wanted = self.dtype == torch.float32 and base.dtype == torch.bfloat16 and (
-            split_matmul == "always" or (split_matmul == "auto" and base.device.type == "cuda"))
-        self.split = wanted and (split_matmul == "always" or split.available(base.device))
-        if wanted and not self.split:
+        splittable = self.dtype == torch.float32 and base.dtype == torch.bfloat16
+        auto_on_gpu = split_matmul == "auto" and base.device.type == "cuda"
+        self.split = splittable and (split_matmul == "always" or (auto_on_gpu and split.available(base.device)))
+        if splittable and auto_on_gpu and not self.split:
             warnings.warn(f"probe forwards: bf16 GEMMs with float32 output do not work here (torch {torch.__version__}); "
                           "float32 GEMMs instead (slower, as accurate)", stacklevel=2)
         self._frozen: dict[str, torch.Tensor] | None = None

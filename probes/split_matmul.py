@@ -86,7 +86,17 @@ class _SplitLinear(torch.autograd.Function):
 
 
 class SplitLinearMode(TorchFunctionMode):
-    """Inside: float32 ``linear`` with bf16 weights by the split; bf16 embeddings widened."""
+    """Inside: float32 ``linear`` with bf16 weights by the split; bf16 embeddings widened; and no
+    bf16 partial sums in cuBLAS's bf16 GEMMs (the split's sums are float32 throughout)."""
+
+    def __enter__(self):
+        self._reduced = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+        return super().__enter__()
+
+    def __exit__(self, exc_type, exc_value, traceback):
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = self._reduced
+        return super().__exit__(exc_type, exc_value, traceback)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

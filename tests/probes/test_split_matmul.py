@@ -61,10 +61,13 @@ def test_forward_mode_derivatives_go_through_the_split():
 def test_inside_the_mode_other_ops_are_untouched_and_bf16_embeddings_widen():
     emb = torch.nn.Embedding(10, 4).to(torch.bfloat16)
     full = torch.nn.Linear(4, 3)
+    flag = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
     with split.SplitLinearMode():
+        assert torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction is False  # float32 sums
         e = emb(torch.tensor([1, 2]))
         assert e.dtype == torch.float32 and torch.equal(e, emb.weight[[1, 2]].float())
         assert torch.equal(full(e), F.linear(e, full.weight, full.bias))  # float32 weights: plain linear
+    assert torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction is flag  # restored
     assert not split.available(torch.device("cpu"))  # it would not pay here
     assert split._works("cpu")  # the self-check a GPU runs once passes where the arithmetic is emulated
 
