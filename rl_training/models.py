@@ -25,6 +25,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -125,8 +126,10 @@ def apply_lora(
         task_type="CAUSAL_LM", bias="none",
     )  # fmt: skip
     # lora_A is drawn from the global RNG: seed a private copy so callers' RNG streams are untouched.
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         torch.manual_seed(seed)
+        # peft 0.21 reads transformers' deprecated alias, which warns on every run; not ours to fix
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         return peft.get_peft_model(model, config)
 
 

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import gguf
@@ -119,7 +120,9 @@ def test_tiny_random_generates_from_the_full_distribution():
 def test_apply_lora_tiny():
     tok, model = load_tokenizer_and_model(ModelSpec("tiny-random"))
     rng_before = torch.get_rng_state()
-    peft_model = apply_lora(model, r=4, alpha=8.0, dropout=0.0, target_modules=["q_proj", "v_proj"], seed=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # users see every run's warnings
+        peft_model = apply_lora(model, r=4, alpha=8.0, dropout=0.0, target_modules=["q_proj", "v_proj"], seed=5)
     assert torch.equal(torch.get_rng_state(), rng_before)
     _lora_fwd_bwd(peft_model, tok)
 
