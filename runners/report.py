@@ -70,6 +70,10 @@ class Figures:
             ax.fill_between(xs, [y - h for y, h in zip(ys, half_width)], [y + h for y, h in zip(ys, half_width)], alpha=0.2)
             self.line(name, ax, xs, ys, label)
 
+    def note(self, name: str, ax, text: str) -> None:
+        ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
+        self.drawn[name]["note"] = text
+
     def save(self, name: str, fig, axes) -> None:
         for ax in axes:
             ax.set_xlabel("step")
@@ -128,7 +132,11 @@ def plot_gns(fg: Figures, rows: list[dict]) -> None:
         fig, (a, b) = fg.new(png, 2)
         fg.line(png, a, *series(rows, p + "b_simple"), "B_simple (prompts)")
         fg.line(png, a, *series(rows, p + "b_simple_seq"), "B_simple (sequences)")
-        a.set(title=f"{name}: critical batch (once resolved)", yscale="log" if series(rows, p + "b_simple")[0] else "linear")
+        if series(rows, p + "b_simple")[0]:
+            a.set(yscale="log")
+        else:  # an empty panel would read as a plotting bug
+            fg.note(png, a, "not resolved at any step:\n|ḡ|² (EMA) within 2 SE of 0")
+        a.set(title=f"{name}: critical batch (once resolved)")
         fg.line(png, b, *series(rows, p + "trS_between"), "tr Σ between prompts")
         fg.line(png, b, *series(rows, p + "trS_intra"), "s_w / G within prompts")
         fg.line(png, b, *series(rows, p + "g2_ema"), "|ḡ|² (EMA)")

@@ -33,6 +33,9 @@ def test_report_draws_the_logged_series(run):
     assert drawn["delta_h_delta_h"]["H₀ + Σ δH₁"] == 3
     assert drawn["fisher_fisher"]["Σ_j c_j"] == 1, "fisher is due at step 2 only"
     assert drawn["ess_ess"]["loss weights"] == 3
+    resolved = sum("probe/gns/b_simple" in r for r in rows)
+    assert drawn["gns_gns"].get("B_simple (prompts)", 0) == resolved
+    assert ("note" in drawn["gns_gns"]) == (resolved == 0), "an empty critical-batch panel says why"
     assert drawn["eval_test"]["pass@1"] == 2 and drawn["eval_test"]["pass@2"] == 2 and "pass@4" not in drawn["eval_test"]
     page = (out / "report.html").read_text()
     assert all(f'src="{name}.png"' in page for name in drawn) and "reward" in page and "δH₁ (step 3)" in page
