@@ -31,7 +31,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,7 +41,7 @@ import torch  # noqa: E402
 
 from rl_training import dist, policy, rollout  # noqa: E402
 from rl_training.config import load_config  # noqa: E402
-from gpu_step import SETTINGS, shape_config, sync  # noqa: E402
+from gpu_step import SETTINGS, scratch_dir, shape_config, sync  # noqa: E402
 from rl_training.session import build_session  # noqa: E402
 from probes.evaluation import probe_model  # noqa: E402
 from probes.functional import fisher as F  # noqa: E402
@@ -119,7 +118,7 @@ def main() -> None:
     overrides = ["rollout.filter_groups=false", "logging.progress_bar=false", PROBE]
     world = dist.DistInfo()
     if args.shape:
-        args.cfg, shape_overrides = shape_config(args.shape, args.tokenizer, Path(tempfile.mkdtemp(prefix="fisher_cost_")))
+        args.cfg, shape_overrides = shape_config(args.shape, args.tokenizer, scratch_dir("fisher_cost_"))
         overrides = [*shape_overrides, *overrides]
         G = load_config(args.cfg, overrides).rollout.group_size
         overrides += [f"rollout.prompts_per_round={max(1, 16 // G)}", "train.buffer_size=16"]  # 16 sequences

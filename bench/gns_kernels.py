@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -34,7 +33,7 @@ from probes.gns import GnsProbe  # noqa: E402
 from rl_training import dist, rollout  # noqa: E402
 from rl_training.config import load_config  # noqa: E402
 from rl_training.session import build_session  # noqa: E402
-from gpu_step import SETTINGS, shape_config  # noqa: E402
+from gpu_step import SETTINGS, scratch_dir, shape_config  # noqa: E402
 from kernel_count import KernelCount  # noqa: E402
 
 COMMON = ["rollout.filter_groups=false", "logging.progress_bar=false", "train.total_steps=1000"]
@@ -82,7 +81,7 @@ def main() -> None:
     world = dist.DistInfo()
     overrides = COMMON
     if args.shape:
-        args.cfg, shape_overrides = shape_config(args.shape, args.tokenizer, Path(tempfile.mkdtemp(prefix="gns_kernels_")))
+        args.cfg, shape_overrides = shape_config(args.shape, args.tokenizer, scratch_dir("gns_kernels_"))
         overrides = [*shape_overrides, *COMMON]
     overrides = [*overrides, *args.set]
     trainers = {"bare": build_session(load_config(args.cfg, overrides + ["probes.probes=[]"]), world).trainer,

@@ -24,11 +24,11 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from transformers.generation.stopping_criteria import StopStringCriteria  # noqa: E402
@@ -38,6 +38,7 @@ from rl_training.config import load_config  # noqa: E402
 from rl_training.data.prompts import STOP_STRINGS  # noqa: E402
 from rl_training.models import save_random_model, save_smollm2_tokenizer  # noqa: E402
 from rl_training.session import build_session  # noqa: E402
+from gpu_step import scratch_dir  # noqa: E402
 
 DEMO = "cfg/smollm2_cpu_demo.yaml"
 
@@ -86,7 +87,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=128, help="rows of the fast setting's call")
     ap.add_argument("--out", type=Path, default=Path("bench/results/stop_matcher.json"))
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="stop_matcher_"))
+    work = scratch_dir("stop_matcher_")
     result = {"stop_strings": list(STOP_STRINGS), "settings": {}}
     for setting in args.settings.split(","):
         trainer = trainer_of(setting, work, args.rows)

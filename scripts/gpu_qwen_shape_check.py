@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -32,7 +33,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
-    work = Path(tempfile.mkdtemp())
+    work = Path(tempfile.mkdtemp(prefix="qwen_shape_"))  # 3 GB of model: removed below, also on failure
+    try:
+        run(args, cuda, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, cuda: bool, work: Path) -> None:
     model_dir = save_random_model(args.tokenizer, work / "model", "tiny" if args.tiny else "qwen2.5-1.5b")
     os.environ["RL_TRAINING_FORCE_COLLECTIVES"] = "1"
     overrides = [
