@@ -96,3 +96,39 @@ def test_microbatches_hold_whole_groups_or_split_one_group(micro, ok):
 def test_missing_file():
     with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
         load_config("nope.yaml")
+
+
+# Keys read only to refuse any value but the default (a TRL habit that would change the policy).
+PINNED = {"RolloutConfig.top_p", "RolloutConfig.top_k"}
+
+
+def test_every_config_key_is_read_outside_the_config():
+    """The research code had keys that were parsed and never used (KL "enabled", never added to
+    the loss): each field is read as an attribute somewhere in the package, or pinned above."""
+    import dataclasses
+    import re
+
+    import rl_training.config as C
+
+    repo = CFG.parent
+    code = "\n".join(p.read_text() for pkg in ("rl_training", "probes", "runners") for p in (repo / pkg).rglob("*.py")
+                     if p.name != "config.py")
+    sections = [c for c in vars(C).values() if isinstance(c, type) and dataclasses.is_dataclass(c)]
+    assert len(sections) >= 9
+    unread = {f"{c.__name__}.{f.name}" for c in sections for f in dataclasses.fields(c)
+              if not re.search(rf"\.{f.name}\b", code)}
+    assert unread == PINNED
+
+
+def test_every_probe_option_is_read():
+    import re
+
+    from probes.manager import registered_kinds, resolve_kind
+
+    repo = CFG.parent
+    for kind in registered_kinds():
+        module = __import__(resolve_kind(kind).__module__, fromlist=["OPTIONS"])
+        source = (repo / "probes" / "ebatch.py").read_text() + Path(module.__file__).read_text()
+        source = re.sub(r"^OPTIONS = \{.*?\}\n", "", source, flags=re.S | re.M)  # not the declaration itself
+        for option in getattr(module, "OPTIONS", ()):
+            assert re.search(rf"(\.get\(|\[)\"{option}\"", source), f"{kind}: option {option!r} is never read"
