@@ -32,6 +32,7 @@ import warnings
 import torch
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 from probes import split_matmul as split
 from probes.functional.delta_h import token_terms
@@ -62,6 +63,32 @@ def exact_matmuls():
         yield
     finally:
         torch.set_float32_matmul_precision(old)
+
+
+_NARROW = (torch.float32, torch.float16, torch.bfloat16)
+_NARROWING_METHODS = {torch.Tensor.float: torch.float32, torch.Tensor.half: torch.float16,
+                      torch.Tensor.bfloat16: torch.bfloat16}
+
+
+class Float64Mode(TorchFunctionMode):
+    """Inside: no float64 tensor is narrowed to float32 or lower. transformers computes RMSNorm in
+    float32 whatever the model's dtype (``hidden_states.to(torch.float32)``; eager attention's
+    softmax and the rotary embedding too), so a "float64" forward rounds every layer's normalised
+    state to float32: a noise of ~1e-8 relative that depends on θ and floors the difference of
+    two forwards (measured on tiny-random: finite differences along a direction off by 1.1× the
+    change they measure at ε = 1e-4, 6× at 1e-5). Inside, these casts keep float64."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if source is not None and source.dtype == torch.float64:
+            if func in _NARROWING_METHODS:
+                return source
+            if kwargs.get("dtype") in _NARROW:  # x.to(dtype=...), softmax(x, dim, dtype=...)
+                kwargs = {**kwargs, "dtype": torch.float64}
+            if func is torch.Tensor.to:  # x.to(torch.float32), x.to(device, torch.float32)
+                args = tuple(torch.float64 if a in _NARROW else a for a in args)
+        return func(*args, **kwargs)
 
 
 # transformers, peft and TRL all name it so (PreTrainedModel.enable_input_require_grads and copies)
@@ -128,12 +155,15 @@ def probe_model(model: torch.nn.Module, own_forward: bool = True):
 
 
 @contextlib.contextmanager
-def probe_forward(model: torch.nn.Module, own_forward: bool = True, split_matmuls: bool = False):
+def probe_forward(model: torch.nn.Module, own_forward: bool = True, split_matmuls: bool = False,
+                  float64: bool = False):
     """The one setting of every probe forward without a backward (δH's): ``probe_model``, no
-    TF32, SDPA's math backend (the one with a forward-mode derivative), and with
-    ``split_matmuls`` float32 products with bf16 weights as split bf16 GEMMs."""
+    TF32, SDPA's math backend (the one with a forward-mode derivative), with ``split_matmuls``
+    float32 products with bf16 weights as split bf16 GEMMs, and with ``float64`` no float32 step
+    inside a float64 forward (``Float64Mode``)."""
     with probe_model(model, own_forward), exact_matmuls(), sdpa_kernel([SDPBackend.MATH]), \
-            split.SplitLinearMode() if split_matmuls else contextlib.nullcontext():
+            split.SplitLinearMode() if split_matmuls else contextlib.nullcontext(), \
+            Float64Mode() if float64 else contextlib.nullcontext():
         yield
 
 
@@ -186,7 +216,7 @@ class PolicyEvaluator:
 
     @torch.no_grad()
     def terms(self, tensors: policy.TokenBatch, stops, trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        with probe_forward(self.model, self.own_forward, self.split):
+        with probe_forward(self.model, self.own_forward, self.split, self.dtype == torch.float64):
             return self._terms(tensors, stops, self._params(trainable))
 
     def terms_jvp(self, tensors: policy.TokenBatch, stops, trainable, direction) -> tuple[dict, dict]:
@@ -199,7 +229,7 @@ class PolicyEvaluator:
         def fn(*values):
             return self._terms(tensors, stops, {**base, **dict(zip(names, values))})
 
-        with probe_forward(self.model, self.own_forward, self.split):
+        with probe_forward(self.model, self.own_forward, self.split, self.dtype == torch.float64):
             values, tangent_out = jvp(fn, primals, tangents)
         if self.primal_is_plain is False:
             return self.terms(tensors, stops, trainable), tangent_out

@@ -4,8 +4,8 @@ With max_new_tokens = 2 every completion of a prompt is (v1) with v1 a stop toke
 H_p(θ) = h_1 + Σ_{v1 ∉ A} π_1(v1) h_2(v1), where A are the tokens that stop at the first
 position (EOS and tokens holding a whole stop string: ``StopRule.always``; nothing is pending
 in an empty prefix). One forward of every prompt with every candidate first token
-(``first_two_positions``) gives H_p exactly; autograd gives ∇H_p. In float64 (HF's RMSNorm
-float32 cast patched).
+(``first_two_positions``) gives H_p exactly; autograd gives ∇H_p. In float64 throughout under
+``probes.evaluation.Float64Mode`` (HF's RMSNorm and rotary embedding round through float32).
 """
 
 from __future__ import annotations
@@ -20,10 +20,6 @@ def has_digit(completion: str, gold) -> RewardBreakdown:
     """1 when the completion contains a digit (a reward a random tiny model sometimes earns)."""
     ok = any(c.isdigit() for c in completion)
     return RewardBreakdown(format_ok=True, answer_ok=ok, parsed=None, reward=float(ok))
-
-
-def rmsnorm_float64(self, x):
-    return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
 
 
 def first_two_positions(model, params: dict, prompts: list[list[int]], temperature: float, chunk: int = 160):

@@ -20,8 +20,8 @@ import pytest
 import torch
 from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+from probes.evaluation import Float64Mode
 from probes.functional.delta_h import t975
 from rl_training.config import load_config
 from rl_training.data.prompts import STOP_STRINGS
@@ -65,8 +65,7 @@ def exact_run(tmp_path_factory):
         return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     rows = []
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(LlamaRMSNorm, "forward", X.rmsnorm_float64)
+    with Float64Mode():
         before = theta_at(0)
         H_before = None
         for k in range(1, STEPS + 2):  # one more: H̄ at θ_STEPS
@@ -96,8 +95,7 @@ def test_tree_forward_equals_the_plain_forward_of_each_sequence(chunk):
     model.eval()
     prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("Q: 12 + 7 = ?", "Q: how many?")]
     V, T = model.config.vocab_size, 0.7
-    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
-        mp.setattr(LlamaRMSNorm, "forward", X.rmsnorm_float64)
+    with Float64Mode(), torch.no_grad():
         logp1, logp2 = X.first_two_positions(model, {}, prompts, T, chunk=chunk)
         assert logp1.shape == (2, V) and logp2.shape == (2, V, V)
         for i, ids in enumerate(prompts):

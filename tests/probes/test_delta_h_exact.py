@@ -23,9 +23,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
-from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from probes.evaluation import PolicyEvaluator
+from probes.evaluation import Float64Mode, PolicyEvaluator
 from probes.functional import delta_h as F
 from rl_training.policy import TokenBatch
 
@@ -39,11 +38,6 @@ COVERAGE_RANGE = (0.92, 0.97)
 LOGIT_SCALE = 2.0  # a flat policy: losing a future of several tokens is costly, single tokens are not
 STOP_BIAS = {"rare": -3.7, "common": -1.5}  # per position: ≈ 0.4–0.8 % and ≈ 6–12 %
 POOL = [[a, b] for a in range(4) for b in range(4)]
-
-
-def _rmsnorm_float64(self, x):
-    # HF's LlamaRMSNorm rounds through float32; the exact tests need the function in float64.
-    return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
 
 
 def _model(stop_bias: float):
@@ -137,15 +131,14 @@ def _world(stop_bias: float):
 
 @pytest.fixture(scope="module", params=sorted(STOP_BIAS))
 def world(request):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(LlamaRMSNorm, "forward", _rmsnorm_float64)
+    with Float64Mode():  # the references' own forwards in float64 throughout, as the probe's are
         w = _world(STOP_BIAS[request.param])
-        w["regime"] = request.param
-        lo = min(p["ps_range"][0] for p in w["prompts"])
-        hi = max(p["ps_range"][1] for p in w["prompts"])
-        print(f"{request.param}: stop probability per position in [{lo:.4f}, {hi:.4f}]; exact δH₁ of prompt 0 "
-              f"{w['prompts'][0]['pred']:.4g} (stop part ≈ {w['prompts'][0]['stop_part']:.3g}), ΔH {w['prompts'][0]['true']:.4g}")
-        yield w
+    w["regime"] = request.param
+    lo = min(p["ps_range"][0] for p in w["prompts"])
+    hi = max(p["ps_range"][1] for p in w["prompts"])
+    print(f"{request.param}: stop probability per position in [{lo:.4f}, {hi:.4f}]; exact δH₁ of prompt 0 "
+          f"{w['prompts'][0]['pred']:.4g} (stop part ≈ {w['prompts'][0]['stop_part']:.3g}), ΔH {w['prompts'][0]['true']:.4g}")
+    return w
 
 
 # ------------------------------------------------------------------------ exact identities
@@ -196,7 +189,7 @@ def test_jvp_matches_autograd_per_position(world):
     params = {n: t.clone().requires_grad_(True) for n, t in theta.items()}
     stops = (torch.tensor(STOPS), torch.zeros(*tensors[2].shape, 1, dtype=torch.long),
              torch.zeros(*tensors[2].shape, 1, dtype=torch.bool))
-    with torch.enable_grad():
+    with torch.enable_grad(), Float64Mode():
         terms = ev._terms(tensors, stops, params)
     for key, d in (("h", tab.dh), ("lp", tab.dlp), ("ps", tab.dps)):
         for i, t in ((0, 0), (7, 1), (33, 2), (len(d) - 1, 3)):
