@@ -2,7 +2,8 @@
 
   single         one U-batch step direction, one E-batch: δH₁ and ΔH_true
   eta-sweep      ΔH_true(η) along v = Δθ/lr against η·⟨∇H, v⟩; log-log slope; first-order range
-  lr-linearity   per learning rate, N real steps with fresh U-batches; ΔH on a fixed E-batch; linear fit
+  lr-linearity   per learning rate, N real steps with fresh U-batches; ΔH on a fixed E-batch; linear fit,
+                 and ΔH/lr per repeat (its U-batch at every lr): flat where ΔH is first order
   batch-scaling  δH₁ mean and SE per B_E over runs; converged or 1/B_E trend
   sanity-check   spread of δH₁ across runs vs the mean reported SE; bias against a large-B_E reference
   fisher         the Fisher kernel E×U, U×U, E×E of one update, and which U sequences moved the entropy
@@ -148,14 +149,19 @@ def run_lr_linearity(exp, args, out: Path) -> dict:
             mean, sd, se = X.mean_sd_se(vals)
             summary.append({"lr": lr, "n": len(vals), "mean": mean, "sd": sd, "se": se, "min": min(vals), "max": max(vals)})
     fit = X.linear_fit([x["lr"] for x in raw], [x["true"] for x in raw]) if len({x["lr"] for x in raw}) > 1 else {}
+    paired = X.paired_linearity(raw)
     (out / "raw_results.json").write_text(json.dumps(raw, indent=2))
-    analysis = {"per_lr": summary, "fit": fit}
+    analysis = {"per_lr": summary, "fit": fit, "paired": paired}
     (out / "analysis.json").write_text(json.dumps(analysis, indent=2))
     _plot_linearity(out, raw, summary, fit)
     for s in summary:
         log.info("lr=%-8.1e n=%d  mean ΔH=%.4g ± %.2g", s["lr"], s["n"], s["mean"], s["se"])
     if fit:
-        log.info("fit ΔH = %.4g·lr + %.3g   R² = %.4f", fit["slope"], fit["intercept"], fit["r2"])
+        log.info("fit ΔH = %.4g·lr + %.3g   R² = %.4f (over repeats: its spread is the U-batches', not curvature)",
+                 fit["slope"], fit["intercept"], fit["r2"])
+    for q in paired:  # each repeat's U-batch at every lr: the linearity itself
+        log.info("lr=%-8.1e ΔH/lr=%.4g ± %.2g  relative to lr=%.1e: %.4f ± %.2g (%d repeats)", q["lr"], q["slope"],
+                 q["slope_se"], paired[0]["lr"], q["ratio"], q["ratio_se"], q["ratio_repeats"])
     return analysis
 
 
@@ -275,6 +281,15 @@ def _plot_linearity(out: Path, raw, summary, fit) -> None:
     ax.scatter([x["lr"] for x in raw], [x["true"] for x in raw], s=12)
     ax.set(xlabel="learning rate", ylabel="ΔH (nats / sequence)", title="raw measurements")
     fig.savefig(out / "raw_measurements.png", dpi=120)
+    ax.clear()
+    for r in sorted({x["repeat"] for x in raw}):
+        runs = sorted((x["lr"], x["true"] / x["lr"]) for x in raw if x["repeat"] == r)
+        ax.plot(*zip(*runs), marker="o", ms=3, label=f"repeat {r}")
+    ax.set(xscale="log", xlabel="learning rate", ylabel="ΔH / lr (nats / sequence)",
+           title="each repeat's U-batch: flat where ΔH is first order in lr")
+    ax.axhline(0, color="k", lw=0.6)
+    ax.legend(fontsize=8)
+    fig.savefig(out / "slope_vs_learning_rate.png", dpi=120)
     plt.close(fig)
 
 

@@ -38,6 +38,8 @@ def test_subcommands_write_results(run_dir, tmp_path, argv, checks):
     if argv[0] == "lr-linearity":
         assert (folder / "entropy_vs_learning_rate.png").stat().st_size > 0 and (folder / "analysis.json").exists()
         assert len(json.loads((folder / "raw_results.json").read_text())) == 4
+        assert (folder / "slope_vs_learning_rate.png").stat().st_size > 0
+        assert [q["lr"] for q in res["paired"]] == [1e-4, 1e-3] and res["paired"][0]["ratio"] == 1.0
     if argv[0] == "fisher":
         import numpy as np
 
@@ -95,3 +97,15 @@ def test_offline_measurements_run_in_eval_mode_with_lora_dropout(tmp_path):
     assert res["true"] == 0.0 and res["true_se"] == 0.0 and res["ess_frac"] == 1.0
     zero = exp.delta_h({n: 0 * d for n, d in delta.items()}, eb)
     assert zero["pred"] == 0.0 and zero["true"] == 0.0
+
+
+def test_in_float64_delta_h_over_lr_is_flat_at_small_learning_rates(run_dir, tmp_path):
+    """Each repeat's ΔH/lr at lr 1e-8 and 1e-7 (its U-batch at both): first order, so flat up to
+    the second-order term. Measured: the ratio 1 + 2.2e-6; with Float64Mode off, transformers'
+    float32 RMSNorm floors the difference of two forwards and the ratio read 0.98 ± 0.06."""
+    argv = ["lr-linearity", "--be", "8", "--learning-rates", "1e-8,1e-7", "--repeats", "2", "--runtime-dtype", "float64"]
+    assert main([*argv, "--checkpoint", str(run_dir), "--output-dir", str(tmp_path), "--quiet"]) == 0
+    _, res = _results(tmp_path, "lr-linearity")
+    small, large = res["paired"]
+    assert small["ratio_repeats"] == large["ratio_repeats"] == 2
+    assert abs(large["ratio"] - 1) < 1e-4, large

@@ -35,6 +35,35 @@ def linear_fit(x: list[float], y: list[float], w: list[float] | None = None) -> 
     }
 
 
+def paired_linearity(raw: list[dict]) -> list[dict]:
+    """ΔH against the learning rate with each repeat's U-batch held fixed.
+
+    A repeat takes one real step per learning rate from the same state on the same U-batch, and
+    Adam's Δθ is exactly proportional to the learning rate, so ΔH_r(lr) = lr·⟨∇H, v_r⟩ + O(lr²):
+    the slope s_r(lr) = ΔH_r(lr)/lr is flat in lr where the change is first order. The pooled fit
+    over repeats mixes in how much the U-batches differ (their slopes can differ in sign), which
+    says nothing about linearity. Per lr: the slopes' mean and SE over repeats, and the ratio
+    s_r(lr)/s_r(lr_min), 1 when linear; a repeat whose ΔH at lr_min is within 2 SE of 0 has no
+    ratio (nan). Rows of ``raw``: lr, repeat, true, true_se; repeats missing an lr are left out.
+    """
+    lrs = sorted({x["lr"] for x in raw})
+    by_repeat: dict = {}
+    for x in raw:
+        by_repeat.setdefault(x["repeat"], {})[x["lr"]] = x
+    complete = [runs for runs in by_repeat.values() if len(runs) == len(lrs)]
+    out = []
+    for lr in lrs:
+        slopes = [runs[lr]["true"] / lr for runs in complete]
+        ratios = [runs[lr]["true"] / lr / (runs[lrs[0]]["true"] / lrs[0]) for runs in complete
+                  if abs(runs[lrs[0]]["true"]) > 2 * runs[lrs[0]]["true_se"]]
+        nan = float("nan")
+        s_mean, _, s_se = mean_sd_se(slopes) if slopes else (nan, nan, nan)
+        r_mean, _, r_se = mean_sd_se(ratios) if ratios else (nan, nan, nan)
+        out.append({"lr": lr, "repeats": len(slopes), "slope": s_mean, "slope_se": s_se,
+                    "ratio": r_mean, "ratio_se": r_se, "ratio_repeats": len(ratios)})
+    return out
+
+
 def loglog_slope(etas: list[float], values: list[float]) -> float:
     """Slope of log|value| against log η (1 where the change is first order in η)."""
     pts = [(math.log(e), math.log(abs(v))) for e, v in zip(etas, values) if e > 0 and v != 0]

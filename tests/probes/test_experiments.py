@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from probes.functional.experiments import scaling_verdict
+from probes.functional.experiments import paired_linearity, scaling_verdict
 
 BE_VALUES = [16, 32, 64, 128]
 SES = [4e-3, 2.8e-3, 2e-3, 1.4e-3]  # SE of a mean shrinks like 1/sqrt(B_E)
@@ -58,3 +58,25 @@ def test_limit_and_k_recovered_with_their_known_standard_errors():
 def test_non_positive_standard_error_gives_no_verdict():
     v = scaling_verdict(BE_VALUES, [0.0] * 4, [1e-3, 0.0, 1e-3, 1e-3])
     assert v["verdict"] == "undetermined"
+
+
+def test_paired_linearity_is_each_repeats_slope_against_its_own_at_the_smallest_lr():
+    """ΔH_r(lr) = a_r·lr + b_r·lr² per repeat (the U-batches' slopes differ, even in sign): the
+    ratio at each lr is the mean over repeats of (a_r + b_r·lr)/(a_r + b_r·lr_min); a repeat
+    whose ΔH at lr_min is within 2 SE of 0 has no ratio, one that misses an lr is left out."""
+    lrs = [1e-6, 1e-5, 1e-4]
+    ab = [(1.4, 20.0), (-0.3, 500.0), (-0.8, 600.0)]
+    raw = [{"lr": lr, "repeat": r, "true": a * lr + b * lr * lr, "true_se": 1e-9} for r, (a, b) in enumerate(ab)
+           for lr in lrs]
+    raw += [{"lr": 1e-6, "repeat": 3, "true": 1e-9, "true_se": 1e-9}, {"lr": 1e-5, "repeat": 3, "true": 2e-9, "true_se": 1e-9},
+            {"lr": 1e-4, "repeat": 3, "true": 3e-9, "true_se": 1e-9}]  # ΔH at lr_min is noise: no ratio
+    raw += [{"lr": 1e-6, "repeat": 4, "true": 5.0, "true_se": 0.1}]  # an incomplete repeat
+    rows = paired_linearity(raw)
+    assert [q["lr"] for q in rows] == lrs and all(q["repeats"] == 4 and q["ratio_repeats"] == 3 for q in rows)
+    for q in rows:
+        lr = q["lr"]
+        want = sum((a + b * lr) / (a + b * lrs[0]) for a, b in ab) / 3
+        assert q["ratio"] == pytest.approx(want, rel=1e-12)
+        slopes = [a + b * lr for a, b in ab] + [raw[9 + lrs.index(lr)]["true"] / lr]
+        assert q["slope"] == pytest.approx(sum(slopes) / 4, rel=1e-12)
+    assert rows[0]["ratio"] == 1.0 and rows[0]["ratio_se"] == 0.0
