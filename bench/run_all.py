@@ -42,6 +42,7 @@ BENCHES = {
     "sketch_rate": ["bench/sketch_rate.py"],
     "stop_matcher": ["bench/stop_matcher.py"],
     "derivative_precision": ["bench/derivative_precision.py"],
+    "bf16_mismatch": ["bench/bf16_mismatch.py"],
 }
 
 
@@ -134,6 +135,20 @@ def rows(results: dict) -> list[tuple[str, str, str]]:
                     f"demo's SmolLM2 in bf16, {len(r['steps'])} steps, B_E {r['be']}, worst step; per-token errors up "
                     f"to {tok:.2f}; {r['pred_err_over_second_order_max']['model']:.1f}× the second-order term δH₁ − ΔH_true; float32 "
                     f"derivatives {r['pred_err_over_se_max']['float32']:.1e} SE"))
+    if "bf16_mismatch" in results:
+        r = results["bf16_mismatch"]
+        logged = r["bfloat16"]["sampler_vs_trainer"]
+        what = "rollout–training mismatch in bf16 (sampler vs trainer, logged:"
+        out.append((f"{what} {logged['mean']:.4f} nats/token), the trainer's forward vs itself at another batch shape "
+                    "/ logged", f"{r['batch_shape_over_logged']:.2f}",
+                    f"demo's SmolLM2 + LoRA, {r['bfloat16']['rows']} completions, {logged['tokens']} tokens; microbatch "
+                    f"{r['bfloat16']['microbatch']} against one row at a time; logged max {logged['max']:.2f}"))
+        out.append(("bf16 mismatch: the logits' rounding to bf16 alone / logged", f"{r['logit_rounding_over_logged']:.2f}",
+                    "same completions; the trainer's forward with its lm_head summed in float32 against as it is"))
+        out.append(("bf16 mismatch with float32 logits on both sides / logged", f"{r['float32_logits_over_logged']:.2f}",
+                    "sampled again with the lm_head's output in float32 (an experiment, not an option yet)"))
+        out.append(("float32 model's mismatch / bf16's", f"{r['float32_model_over_logged']:.1e}",
+                    f"same prompts and seeds; {r['float32']['sampler_vs_trainer']['mean']:.1e} nats/token"))
     return out
 
 

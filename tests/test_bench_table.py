@@ -45,6 +45,15 @@ def test_table_has_one_row_per_ratio():
     assert ("| δH₁ from bf16 derivatives, error / δH₁'s SE (float64 derivatives the reference) | 0.013 | demo's "
             "SmolLM2 in bf16, 1 steps, B_E 8, worst step; per-token errors up to 0.12; 0.6× the second-order term δH₁ − ΔH_true; "
             "float32 derivatives 2.0e-06 SE |") in run_all.table({"derivative_precision": prec}, INFO)
+    mm = {"bfloat16": {"rows": 16, "microbatch": 8, "sampler_vs_trainer": {"mean": 0.0438, "max": 0.315, "tokens": 702}},
+          "float32": {"sampler_vs_trainer": {"mean": 9.3e-6}}, "batch_shape_over_logged": 0.991,
+          "logit_rounding_over_logged": 0.536, "float32_logits_over_logged": 0.658, "float32_model_over_logged": 2.12e-4}
+    text = run_all.table({"bf16_mismatch": mm}, INFO)
+    assert ("| rollout–training mismatch in bf16 (sampler vs trainer, logged: 0.0438 nats/token), the trainer's forward "
+            "vs itself at another batch shape / logged | 0.99 | demo's SmolLM2 + LoRA, 16 completions, 702 tokens; "
+            "microbatch 8 against one row at a time; logged max 0.32 |") in text
+    assert "| bf16 mismatch with float32 logits on both sides / logged | 0.66 |" in text
+    assert "| float32 model's mismatch / bf16's | 2.1e-04 | same prompts and seeds; 9.3e-06 nats/token |" in text
     assert run_all.rows({}) == []
 
 

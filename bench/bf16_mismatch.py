@@ -1,0 +1,122 @@
+"""Where a bf16 model's rollout–training mismatch comes from, on the demo's SmolLM2 + LoRA.
+
+``rollout/logp_mismatch_tok`` is the mean |log π(y_t) as the sampler computed it − as the
+loss's forward scores it| per completion token. In float32 it is ~1e-7; in bf16 it is large
+enough to matter (issue 12 asks for ≤ 0.02 nats). One run, the same rollouts, side by side:
+
+- sampler vs the trainer's forward (microbatch 8): what the trainer logs;
+- the trainer's forward vs itself one row at a time: the same policy and tokens, only another
+  batch shape (bf16 GEMMs round differently at other shapes and paddings);
+- the trainer's forward with its logits rounded to bf16 (the model's lm_head) vs in float32 (the
+  lm_head's products summed and kept in float32): the rounding of the logits alone;
+- sampler vs trainer with float32 logits on both sides: what an float32 LM-head output would log
+  (an experiment here, not a config option yet);
+- the same model in float32: the floor.
+
+    python bench/bf16_mismatch.py --out bench/results/bf16_mismatch.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from rl_training import dist, policy  # noqa: E402
+from rl_training.config import load_config  # noqa: E402
+from rl_training.data.prompts import STOP_STRINGS  # noqa: E402
+from rl_training.session import build_session  # noqa: E402
+
+DEMO = "cfg/smollm2_cpu_demo.yaml"
+
+
+@contextlib.contextmanager
+def float32_logits(model):
+    """The lm_head's output in float32: bf16 inputs and weights are exact float32 numbers, so
+    this is the bf16 GEMM's sum without its final rounding to bf16."""
+    head = model.get_output_embeddings()
+    weight = head.weight.detach().float()
+    head.forward = lambda x: F.linear(x.float(), weight, None if head.bias is None else head.bias.float())
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def mismatch(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> dict:
+    d = (a - b).abs()[mask]
+    return {"mean": float(d.mean()), "max": float(d.max()), "tokens": int(mask.sum())}
+
+
+def scores(model, comps, temperature: float, microbatch: int) -> torch.Tensor:
+    """The trainer's log-probs of ``comps`` (``policy.score``: its microbatches and padding)."""
+    tokens = policy.TokenBatch(comps.prompt_ids, comps.prompt_mask, comps.completion_ids, comps.completion_mask)
+    with torch.no_grad():
+        logp, _ = policy.score(model, tokens, temperature, microbatch)
+    return logp
+
+
+def measure(dtype: str, rows: int, overrides: list[str]) -> dict:
+    cfg = load_config(DEMO, [f"model.dtype={dtype}", "probes.probes=[]", *overrides])
+    trainer = build_session(cfg, dist.DistInfo()).trainer
+    cfg, model = trainer.cfg, trainer.policy
+    records = trainer.scheduler.records
+    prompts = [trainer.prompt_fn(records[i].question) for i in range(rows)]
+    settings = dict(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                    stop_strings=STOP_STRINGS, max_prompt_tokens=cfg.data.max_prompt_tokens)
+    T, micro = cfg.rollout.temperature, cfg.train.microbatch_size
+    out: dict = {"dtype": dtype, "rows": rows, "microbatch": micro}
+    t0 = time.perf_counter()
+    comps = trainer.engine.generate(prompts, list(range(rows)), **settings)
+    mask = comps.completion_mask.bool()
+    trained = scores(model, comps, T, micro)
+    out["sampler_vs_trainer"] = mismatch(comps.logp, trained, mask)
+    if dtype == "float32":
+        out["seconds"] = time.perf_counter() - t0
+        return out
+    out["trainer_vs_trainer_one_row"] = mismatch(trained, scores(model, comps, T, 1), mask)
+    with float32_logits(model):
+        out["trainer_bf16_vs_float32_logits"] = mismatch(trained, scores(model, comps, T, micro), mask)
+        comps32 = trainer.engine.generate(prompts, list(range(rows)), **settings)
+        mask32 = comps32.completion_mask.bool()
+        out["sampler_vs_trainer_float32_logits"] = mismatch(comps32.logp, scores(model, comps32, T, micro), mask32)
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=16, help="completions (the demo's prompts, one each)")
+    ap.add_argument("--set", nargs="*", default=[], help="config overrides (a smoke run: another model, fewer tokens)")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/bf16_mismatch.json"))
+    args = ap.parse_args()
+    bf16, fp32 = measure("bfloat16", args.rows, args.set), measure("float32", args.rows, args.set)
+    logged = bf16["sampler_vs_trainer"]["mean"]
+    result = {
+        "model": load_config(DEMO, args.set).model.name_or_path, "bfloat16": bf16, "float32": fp32,
+        "batch_shape_over_logged": bf16["trainer_vs_trainer_one_row"]["mean"] / logged,
+        "logit_rounding_over_logged": bf16["trainer_bf16_vs_float32_logits"]["mean"] / logged,
+        "float32_logits_over_logged": bf16["sampler_vs_trainer_float32_logits"]["mean"] / logged,
+        "float32_model_over_logged": fp32["sampler_vs_trainer"]["mean"] / logged,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"bf16 {result['model']}, {args.rows} completions, {bf16['sampler_vs_trainer']['tokens']} tokens: "
+          f"mismatch sampler vs trainer {logged:.4f} nats/token (max {bf16['sampler_vs_trainer']['max']:.3f})")
+    for key, label in (("batch_shape_over_logged", "trainer vs itself one row at a time"),
+                       ("logit_rounding_over_logged", "trainer, logits bf16 vs float32"),
+                       ("float32_logits_over_logged", "sampler vs trainer, float32 logits on both"),
+                       ("float32_model_over_logged", "sampler vs trainer, float32 model")):
+        print(f"  {label:45s} / logged: {result[key]:.3g}")
+
+
+if __name__ == "__main__":
+    main()
