@@ -11,7 +11,9 @@ enough to matter (issue 12 asks for ≤ 0.02 nats). One run, the same rollouts, 
   lm_head's products summed and kept in float32): the rounding of the logits alone;
 - sampler vs trainer with float32 logits on both sides: what an float32 LM-head output would log
   (an experiment here, not a config option yet);
-- the same model in float32: the floor.
+- the same model in float32: the floor;
+- the same model in float16 (10 significand bits to bf16's 7; scoring and sampling only: the
+  trainer does not train in float16).
 
     python bench/bf16_mismatch.py --out bench/results/bf16_mismatch.json
 """
@@ -65,9 +67,13 @@ def scores(model, comps, temperature: float, microbatch: int) -> torch.Tensor:
 
 
 def measure(dtype: str, rows: int, overrides: list[str]) -> dict:
-    cfg = load_config(DEMO, [f"model.dtype={dtype}", "probes.probes=[]", *overrides])
+    # float16 is not a training dtype here (its backward needs loss scaling): the float32 model
+    # cast to float16, LoRA included, measured as a sampler and a scorer only
+    cfg = load_config(DEMO, [f"model.dtype={'float32' if dtype == 'float16' else dtype}", "probes.probes=[]", *overrides])
     trainer = build_session(cfg, dist.DistInfo()).trainer
     cfg, model = trainer.cfg, trainer.policy
+    if dtype == "float16":
+        model.to(torch.float16)
     records = trainer.scheduler.records
     prompts = [trainer.prompt_fn(records[i].question) for i in range(rows)]
     settings = dict(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
@@ -83,6 +89,9 @@ def measure(dtype: str, rows: int, overrides: list[str]) -> dict:
         out["seconds"] = time.perf_counter() - t0
         return out
     out["trainer_vs_trainer_one_row"] = mismatch(trained, scores(model, comps, T, 1), mask)
+    if dtype == "float16":
+        out["seconds"] = time.perf_counter() - t0
+        return out
     with float32_logits(model):
         out["trainer_bf16_vs_float32_logits"] = mismatch(trained, scores(model, comps, T, micro), mask)
         comps32 = trainer.engine.generate(prompts, list(range(rows)), **settings)
@@ -99,13 +108,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/results/bf16_mismatch.json"))
     args = ap.parse_args()
     bf16, fp32 = measure("bfloat16", args.rows, args.set), measure("float32", args.rows, args.set)
+    fp16 = measure("float16", args.rows, args.set)
     logged = bf16["sampler_vs_trainer"]["mean"]
     result = {
-        "model": load_config(DEMO, args.set).model.name_or_path, "bfloat16": bf16, "float32": fp32,
+        "model": load_config(DEMO, args.set).model.name_or_path, "bfloat16": bf16, "float32": fp32, "float16": fp16,
         "batch_shape_over_logged": bf16["trainer_vs_trainer_one_row"]["mean"] / logged,
         "logit_rounding_over_logged": bf16["trainer_bf16_vs_float32_logits"]["mean"] / logged,
         "float32_logits_over_logged": bf16["sampler_vs_trainer_float32_logits"]["mean"] / logged,
         "float32_model_over_logged": fp32["sampler_vs_trainer"]["mean"] / logged,
+        "float16_model_over_logged": fp16["sampler_vs_trainer"]["mean"] / logged,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
@@ -114,7 +125,8 @@ def main() -> None:
     for key, label in (("batch_shape_over_logged", "trainer vs itself one row at a time"),
                        ("logit_rounding_over_logged", "trainer, logits bf16 vs float32"),
                        ("float32_logits_over_logged", "sampler vs trainer, float32 logits on both"),
-                       ("float32_model_over_logged", "sampler vs trainer, float32 model")):
+                       ("float32_model_over_logged", "sampler vs trainer, float32 model"),
+                       ("float16_model_over_logged", "sampler vs trainer, float16 model")):
         print(f"  {label:45s} / logged: {result[key]:.3g}")
 
 

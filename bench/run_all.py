@@ -149,6 +149,11 @@ def rows(results: dict) -> list[tuple[str, str, str]]:
                     "sampled again with the lm_head's output in float32 (an experiment, not an option yet)"))
         out.append(("float32 model's mismatch / bf16's", f"{r['float32_model_over_logged']:.1e}",
                     f"same prompts and seeds; {r['float32']['sampler_vs_trainer']['mean']:.1e} nats/token"))
+        if "float16" in r:
+            f16 = r["float16"]
+            out.append(("float16 model's mismatch / bf16's", f"{r['float16_model_over_logged']:.2f}",
+                        f"the float32 model cast to float16, sampling and scoring only; {f16['sampler_vs_trainer']['mean']:.4f} "
+                        f"nats/token, the trainer vs itself one row at a time {f16['trainer_vs_trainer_one_row']['mean']:.4f}"))
     return out
 
 

@@ -30,4 +30,5 @@ def test_bf16_mismatch_bench_smoke(tmp_path):
     # (no ordering asserted: on a random-init model's near-uniform logits bf16 rounds most differences
     # away, and its mismatch read 3e-8 against float32's 1.5e-7; the SmolLM2 figures are the bench's)
     assert math.isfinite(r["float32"]["sampler_vs_trainer"]["mean"])
+    assert r["float16"]["sampler_vs_trainer"]["tokens"] > 0 and math.isfinite(r["float16_model_over_logged"])
     assert "sampler vs trainer, float32 model" in proc.stdout

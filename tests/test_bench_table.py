@@ -54,6 +54,11 @@ def test_table_has_one_row_per_ratio():
             "microbatch 8 against one row at a time; logged max 0.32 |") in text
     assert "| bf16 mismatch with float32 logits on both sides / logged | 0.66 |" in text
     assert "| float32 model's mismatch / bf16's | 2.1e-04 | same prompts and seeds; 9.3e-06 nats/token |" in text
+    assert "float16 model" not in text  # results from before it was measured
+    mm.update(float16={"sampler_vs_trainer": {"mean": 0.0048}, "trainer_vs_trainer_one_row": {"mean": 0.0007}},
+              float16_model_over_logged=0.109)
+    assert ("| float16 model's mismatch / bf16's | 0.11 | the float32 model cast to float16, sampling and scoring "
+            "only; 0.0048 nats/token, the trainer vs itself one row at a time 0.0007 |") in run_all.table({"bf16_mismatch": mm}, INFO)
     assert run_all.rows({}) == []
 
 
