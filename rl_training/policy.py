@@ -42,7 +42,8 @@ def microbatches(tokens: TokenBatch, size: int):
 
 
 def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float, forward=None):
-    """[B, L, V] logits / T that predict each completion token (only those positions are projected).
+    """[B, L, V] logits / T that predict each completion token (only those positions are projected);
+    float32 at least.
 
     ``forward`` replaces ``model(**kwargs)``, e.g. by a functional call at other parameters.
     """
@@ -59,7 +60,10 @@ def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion
         logits_to_keep=length + 1,
         use_cache=False,
     )
-    return out.logits[:, :-1, :] / temperature
+    logits = out.logits[:, :-1, :]
+    # widened before the division: logits / T rounded to bf16 again is a second rounding the
+    # sampler (float32 scores, float64 softmax) never makes
+    return (logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits) / temperature
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
