@@ -66,8 +66,7 @@ def exact_matmuls():
 
 
 _NARROW = (torch.float32, torch.float16, torch.bfloat16)
-_NARROWING_METHODS = {torch.Tensor.float: torch.float32, torch.Tensor.half: torch.float16,
-                      torch.Tensor.bfloat16: torch.bfloat16}
+_NARROWING_METHODS = {torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16}
 
 
 class Float64Mode(TorchFunctionMode):
