@@ -9,8 +9,7 @@ enough to matter (issue 12 asks for ≤ 0.02 nats). One run, the same rollouts, 
   batch shape (bf16 GEMMs round differently at other shapes and paddings);
 - the trainer's forward with its logits rounded to bf16 (the model's lm_head) vs in float32 (the
   lm_head's products summed and kept in float32): the rounding of the logits alone;
-- sampler vs trainer with float32 logits on both sides: what an float32 LM-head output would log
-  (an experiment here, not a config option yet);
+- sampler vs trainer with float32 logits on both sides (``model.float32_logits``);
 - the same model in float32: the floor;
 - the same model in float16 (10 significand bits to bf16's 7; scoring and sampling only: the
   trainer does not train in float16).
@@ -30,11 +29,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from rl_training import dist, policy  # noqa: E402
 from rl_training.config import load_config  # noqa: E402
 from rl_training.data.prompts import STOP_STRINGS  # noqa: E402
+from rl_training.models import set_float32_logits  # noqa: E402
 from rl_training.session import build_session  # noqa: E402
 
 DEMO = "cfg/smollm2_cpu_demo.yaml"
@@ -42,15 +41,13 @@ DEMO = "cfg/smollm2_cpu_demo.yaml"
 
 @contextlib.contextmanager
 def float32_logits(model):
-    """The lm_head's output in float32: bf16 inputs and weights are exact float32 numbers, so
-    this is the bf16 GEMM's sum without its final rounding to bf16."""
-    head = model.get_output_embeddings()
-    weight = head.weight.detach().float()
-    head.forward = lambda x: F.linear(x.float(), weight, None if head.bias is None else head.bias.float())
+    """``model.float32_logits`` turned on for the block."""
+    base = model.get_base_model()
+    set_float32_logits(base)
     try:
         yield
     finally:
-        del head.forward
+        set_float32_logits(base, on=False)
 
 
 def mismatch(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> dict:

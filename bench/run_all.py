@@ -146,7 +146,7 @@ def rows(results: dict) -> list[tuple[str, str, str]]:
         out.append(("bf16 mismatch: the logits' rounding to bf16 alone / logged", f"{r['logit_rounding_over_logged']:.2f}",
                     "same completions; the trainer's forward with its lm_head summed in float32 against as it is"))
         out.append(("bf16 mismatch with float32 logits on both sides / logged", f"{r['float32_logits_over_logged']:.2f}",
-                    "sampled again with the lm_head's output in float32 (an experiment, not an option yet)"))
+                    "sampled again with the lm_head's output in float32 (model.float32_logits)"))
         out.append(("float32 model's mismatch / bf16's", f"{r['float32_model_over_logged']:.1e}",
                     f"same prompts and seeds; {r['float32']['sampler_vs_trainer']['mean']:.1e} nats/token"))
         if "float16" in r:

@@ -32,6 +32,8 @@ class LoraConfig:
 class ModelConfig:
     name_or_path: str = "tiny-random"  # hub id | local dir | .gguf | smollm2-135m-instruct | tiny-random
     dtype: str = "float32"  # float32 | bfloat16 | float64
+    # the lm_head's output in float32 (a bf16 model's logits unrounded; models.set_float32_logits)
+    float32_logits: bool = False
     cache_dir: str | None = None  # where converted GGUF models live
     lora: LoraConfig = field(default_factory=LoraConfig)
 

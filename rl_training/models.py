@@ -133,6 +133,37 @@ def apply_lora(
         return peft.get_peft_model(model, config)
 
 
+def set_float32_logits(model: PreTrainedModel, on: bool = True) -> None:
+    """The lm_head's output in float32 (``on``) or as the model computes it (off).
+
+    A bf16 GEMM sums in float32 and rounds its output to bf16, whose step at a logit of 16–32 is
+    0.125: half of a bf16 model's rollout–training mismatch on the demo's SmolLM2
+    (``bench/bf16_mismatch.py``). bf16 inputs and weights are exact float32 numbers, so a float32
+    product of them is that GEMM without the final rounding. The head's frozen weight is cast
+    once (+4 bytes per head parameter); a weight passed in by ``functional_call`` or one that
+    trains is cast at each call. Sampler, trainer and probes all go through the head, so they
+    score the same policy."""
+    head = model.get_output_embeddings()
+    if not on:
+        vars(head).pop("forward", None)
+        return
+    if head.weight.dtype in (torch.float32, torch.float64):
+        return
+    own = head.weight
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        weight = head.weight
+        if weight is own and not own.requires_grad:
+            cached = vars(head).get("_float32_weight")
+            if cached is None or cached.device != own.device:
+                cached = head._float32_weight = own.detach().float()
+            weight = cached
+        bias = None if head.bias is None else head.bias.float()
+        return torch.nn.functional.linear(x.float(), weight.float(), bias)
+
+    head.forward = forward
+
+
 def _finalize(
     tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, dtype: torch.dtype, name: str
 ) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:

@@ -56,6 +56,7 @@ def load_records(cfg: RunConfig) -> tuple[list[Record], list[Record]]:
 def load_policy(cfg: RunConfig):
     spec = models.ModelSpec(cfg.model.name_or_path, dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir, seed=cfg.seed)
     tokenizer, base = models.load_tokenizer_and_model(spec)
+    models.set_float32_logits(base, cfg.model.float32_logits)
     lora = cfg.model.lora
     model = models.apply_lora(base, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules, seed=cfg.seed)
     return tokenizer, model

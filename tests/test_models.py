@@ -391,3 +391,27 @@ def test_the_random_smollm2_shape_is_the_real_models(smollm2):
         assert getattr(random, key) == getattr(real, key), key
     assert random.rope_parameters["rope_theta"] == real.rope_parameters["rope_theta"]
     assert random.rms_norm_eps == pytest.approx(real.rms_norm_eps)
+
+
+def test_float32_logits_are_the_bf16_heads_products_unrounded_and_trainable_through():
+    _, model = load_tokenizer_and_model(ModelSpec("tiny-random", "bfloat16"))
+    head = model.get_output_embeddings()
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        rounded = model(ids).logits
+        hidden = model.model(ids).last_hidden_state
+    models.set_float32_logits(model)
+    peft_model = apply_lora(model, r=4, alpha=8.0, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    out = peft_model(ids).logits
+    want = torch.nn.functional.linear(hidden.float(), head.weight.float())
+    assert out.dtype == torch.float32 and torch.equal(out, want)
+    assert torch.equal(out.bfloat16(), rounded)  # the bf16 logits are these, rounded
+    assert not torch.equal(out, rounded.float())
+    cached = vars(head)["_float32_weight"]
+    peft_model(ids)
+    assert vars(head)["_float32_weight"] is cached and head.weight.dtype == torch.bfloat16  # cast once, not in place
+    out.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in peft_model.named_parameters() if "lora_B" in n)
+    models.set_float32_logits(model, on=False)
+    with torch.no_grad():
+        assert peft_model(ids).logits.dtype == torch.bfloat16

@@ -155,3 +155,14 @@ def test_rollout_training_mismatch_is_logged_and_is_rounding_in_fp32(tmp_path, m
     row = train_log(run)[0]
     assert 0.0 <= row["rollout/logp_mismatch_tok"] < 1e-5, row["rollout/logp_mismatch_tok"]
     assert row["rollout/logp_mismatch_tok"] <= row["rollout/logp_mismatch_max"] < 1e-4
+
+
+def test_a_bf16_run_with_float32_logits_trains_and_every_probe_measures(tmp_path):
+    """model.float32_logits over a bf16 model: sampler, loss and probes all through the widened
+    head (the mismatch it cuts is measured on a real model: bench/bf16_mismatch.py)."""
+    rows = train_log(run_in_process(tmp_path, "train.total_steps=2", "model.dtype=bfloat16", "model.float32_logits=true",
+                                    "probes.strict=true"))
+    for r in rows:
+        assert math.isfinite(r["rollout/logp_mismatch_tok"]) and math.isfinite(r["train/loss"])
+        assert all(math.isfinite(v) for k, v in r.items() if k.startswith("probe/"))
+    assert any(k.startswith("probe/delta_h/pred") for k in rows[-1]) and any(k.startswith("probe/gns/") for k in rows[-1])
