@@ -15,8 +15,9 @@ table and writes JSON:
   copy bandwidth; a compile failure is reported, not fatal;
 - step: our trainer without probes, with δH (B_E 16; on a GPU its float32 products with the bf16
   weights as split bf16 GEMMs, and again with float32 GEMMs: ``delta_h_fp32``), with gns + ess,
-  with Fisher (mode sketch, B_E 16), and without probes but with the compiled decode, alternated
-  step by step (six trainers, one model each), medians, each one's extra time over the bare step;
+  with Fisher (mode sketch, B_E 16), without probes but with the compiled decode, and without
+  probes but with float32 logits (``model.float32_logits``), alternated step by step (seven
+  trainers, one model each), medians, each one's extra time over the bare step;
 - the rollout–training mismatch our trainer logs (mean and max |Δ log π| per token);
 - TRL 1.16's GRPOTrainer on the same model and work, alternated with ours (``--trl``; needs trl
   and datasets installed);
@@ -80,6 +81,8 @@ TRAINERS = {  # name -> overrides
     "fisher_sketch": ["probes.probes=[{name: fisher, kind: fisher, options: {batch_size: 16, mode: sketch, "
                       "preconditioner: none, save: false}}]"],
     "compiled": ["probes.probes=[]", "rollout.compile_decode=always"],
+    # the lm_head's output in float32 (model.float32_logits): its cost and the mismatch it leaves
+    "float32_logits": ["probes.probes=[]", "model.float32_logits=true"],
 }
 
 
@@ -287,6 +290,9 @@ def table(r: dict) -> str:
                      f"rollout {c['rollout_s_median']:.2f} s, {c['completion_tokens_per_s']:.0f} tok/s |")
     lines.append(f"| rollout–training mismatch, mean / max per token | {s['bare']['logp_mismatch_tok']:.2g} / "
                  f"{s['bare']['logp_mismatch_max']:.2g} nats |")
+    if f := s.get("float32_logits"):
+        lines.append(f"| our step, no probes, float32 logits | {f['s_median']:.2f} s ({f['overhead_of_bare_step']:+.3f}), "
+                     f"mismatch {f['logp_mismatch_tok']:.2g} / {f['logp_mismatch_max']:.2g} nats |")
     if "trl" in r:
         t = r["trl"]
         lines.append(f"| ours / TRL, s per step | {t['ratio_ours_over_trl_s_per_step']:.3f} "

@@ -6,8 +6,8 @@
 #                      on the demo's setting (SmolLM2's shape, LoRA r16 q/v, 16 sequences), bf16
 #   3. gpu_step        issues 9 and 12: the user's step (Qwen2.5-1.5B's shape, 128 × 200 tokens):
 #                      decode tok/s, our step bare / compiled / with δH (split bf16 GEMMs and
-#                      float32 GEMMs) / gns+ess / Fisher, the mismatch, ours vs TRL (when trl
-#                      and datasets import), peak memory
+#                      float32 GEMMs) / gns+ess / Fisher / float32 logits, the mismatch, ours vs
+#                      TRL (when trl and datasets import), peak memory
 #   4. gpu_vocab       δH and the step at the real Qwen2.5 vocabulary (151,936)
 #   5. fisher_cost_qwen  the Fisher kernel's cost at the user's shape
 #   6. sketch_rate     exact mode's cross-rank sketch: R drawn on the GPU vs by the CPU generator
@@ -77,7 +77,7 @@ left() { echo $((BUDGET - ($(date +%s) - START) - 10)); }
 part nccl 90 env PYTHON="$PY" bash scripts/gpu_nccl_check.sh "$(mktemp -d)" probes.strict=true
 part fisher_cost 150 "$PY" bench/fisher_cost.py --shape "$SMALL" --tokenizer "$TOK" --rounds "$ROUNDS" \
   --out "$OUT/fisher_cost.json"
-# No new round of timed steps after --budget-s: a round of six trainers and TRL's steps still follow.
+# No new round of timed steps after --budget-s: a round of seven trainers and TRL's steps still follow.
 STEP_BUDGET=$(($(left) - 240))
 part gpu_step 100000 "$PY" bench/gpu_step.py --shape "$BIG" --tokenizer "$TOK" "${QUICK[@]}" "${TRL[@]}" \
   --budget-s $((STEP_BUDGET > 0 ? STEP_BUDGET : 0)) --out "$OUT/gpu_step.json"

@@ -38,7 +38,7 @@ def test_gpu_step_bench_smoke_on_the_tiny_shape(tmp_path):
         assert d["tokens"] == [8 * 16] or all(0 < t <= 8 * 16 for t in d["tokens"])
         assert d["tokens_per_s"] > 0 and d["ms_per_decode_step"] > 0
     assert r["bound_ms_per_decode_step"] > 0
-    for name in ("bare", "delta_h", "delta_h_fp32", "gns_ess", "fisher_sketch", "compiled"):
+    for name in ("bare", "delta_h", "delta_h_fp32", "gns_ess", "fisher_sketch", "compiled", "float32_logits"):
         assert math.isfinite(r["steps"][name]["overhead_of_bare_step"])
     assert r["steps"]["bare"]["overhead_of_bare_step"] == 0.0
     assert "--budget-s reached: 1 timed steps per trainer, not 3" in proc.stdout and r["done"] == "trl"
@@ -50,6 +50,7 @@ def test_gpu_step_bench_smoke_on_the_tiny_shape(tmp_path):
     # split bf16 GEMMs only over a bf16 model on a GPU: the tiny shape is float32 on a CPU
     assert r["steps"]["delta_h"]["split_matmul"] == r["steps"]["delta_h_fp32"]["split_matmul"] == 0
     assert "| delta_h_fp32 probe(s), float32 GEMMs, extra / bare step |" in proc.stdout
+    assert "| our step, no probes, float32 logits |" in proc.stdout
     assert "| delta_h: forward-mode pass / forward at θ_k+1 / E-batch generation |" in proc.stdout
     for name in ("bare", "compiled"):
         assert 0 <= r["steps"][name]["logp_mismatch_tok"] < 1e-3  # fp32: rounding only
