@@ -158,8 +158,9 @@ def set_float32_logits(model: PreTrainedModel, on: bool = True) -> None:
             if cached is None or cached.device != own.device:
                 cached = head._float32_weight = own.detach().float()
             weight = cached
-        bias = None if head.bias is None else head.bias.float()
-        return torch.nn.functional.linear(x.float(), weight.float(), bias)
+        wide = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)  # never narrows
+        bias = None if head.bias is None else head.bias.to(wide)
+        return torch.nn.functional.linear(x.to(wide), weight.to(wide), bias)
 
     head.forward = forward
 

@@ -67,14 +67,12 @@ def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[target], [B, L]; computed in float32 at least."""
-    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    """log softmax(logits)[target], [B, L] (``completion_logits``: float32 at least)."""
     return torch.log_softmax(logits, dim=-1).gather(-1, targets.to(logits.device).unsqueeze(-1)).squeeze(-1)
 
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Full-vocabulary entropy of softmax(logits) at each position, [B, L]."""
-    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    """Full-vocabulary entropy of softmax(logits) at each position, [B, L] (``completion_logits``)."""
     logp = torch.log_softmax(logits, dim=-1)
     return -(logp.exp() * logp).sum(dim=-1)
 
@@ -89,7 +87,7 @@ def score(model, tokens: TokenBatch, temperature: float, microbatch_size: int, w
     for sl, (p, pm, c, cm) in microbatches(tokens, microbatch_size):
         logits = completion_logits(model, p, pm, c, cm, temperature)
         w = c.shape[1]
-        logp[sl, :w] = token_logprobs(logits, c).float().cpu()
+        logp[sl, :w] = token_logprobs(logits, c).cpu()
         if with_entropy:
-            ent[sl, :w] = token_entropy(logits).float().cpu()
+            ent[sl, :w] = token_entropy(logits).cpu()
     return logp * completion_mask, (ent * completion_mask if with_entropy else None)
