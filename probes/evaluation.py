@@ -194,6 +194,9 @@ class PolicyEvaluator:
         self._frozen: dict[str, torch.Tensor] | None = None
         self.primal_is_plain: bool | None = None  # the jvp's values == ``terms``, bit for bit (checked once)
 
+    def _forward_setting(self):
+        return probe_forward(self.model, self.own_forward, self.split, float64=self.dtype == torch.float64)
+
     def _params(self, trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self._frozen is None:
             cast = any(p.dtype != self.dtype for p in self.model.parameters() if p.is_floating_point())
@@ -215,7 +218,7 @@ class PolicyEvaluator:
 
     @torch.no_grad()
     def terms(self, tensors: policy.TokenBatch, stops, trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        with probe_forward(self.model, self.own_forward, self.split, self.dtype == torch.float64):
+        with self._forward_setting():
             return self._terms(tensors, stops, self._params(trainable))
 
     def terms_jvp(self, tensors: policy.TokenBatch, stops, trainable, direction) -> tuple[dict, dict]:
@@ -228,7 +231,7 @@ class PolicyEvaluator:
         def fn(*values):
             return self._terms(tensors, stops, {**base, **dict(zip(names, values))})
 
-        with probe_forward(self.model, self.own_forward, self.split, self.dtype == torch.float64):
+        with self._forward_setting():
             values, tangent_out = jvp(fn, primals, tangents)
         if self.primal_is_plain is False:
             return self.terms(tensors, stops, trainable), tangent_out

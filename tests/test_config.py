@@ -1,7 +1,11 @@
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 
+import rl_training.config as C
+from probes.manager import registered_kinds, resolve_kind
 from rl_training.config import grad_accum, load_config, parse_overrides, validate
 from rl_training.errors import ConfigError
 
@@ -105,11 +109,6 @@ PINNED = {"RolloutConfig.top_p", "RolloutConfig.top_k"}
 def test_every_config_key_is_read_outside_the_config():
     """The research code had keys that were parsed and never used (KL "enabled", never added to
     the loss): each field is read as an attribute somewhere in the package, or pinned above."""
-    import dataclasses
-    import re
-
-    import rl_training.config as C
-
     repo = CFG.parent
     code = "\n".join(p.read_text() for pkg in ("rl_training", "probes", "runners") for p in (repo / pkg).rglob("*.py")
                      if p.name != "config.py")
@@ -121,10 +120,6 @@ def test_every_config_key_is_read_outside_the_config():
 
 
 def test_every_probe_option_is_read():
-    import re
-
-    from probes.manager import registered_kinds, resolve_kind
-
     repo = CFG.parent
     for kind in registered_kinds():
         module = __import__(resolve_kind(kind).__module__, fromlist=["OPTIONS"])
