@@ -12,7 +12,11 @@ enough to matter (issue 12 asks for ≤ 0.02 nats). One run, the same rollouts, 
 - sampler vs trainer with float32 logits on both sides (``model.float32_logits``);
 - the same model in float32: the floor;
 - the same model in float16 (10 significand bits to bf16's 7; scoring and sampling only: the
-  trainer does not train in float16).
+  trainer does not train in float16);
+- what ``train.sampler_correction`` would do about the bf16 mismatch: per mode, the share of
+  tokens whose importance weight π_trainer/π_sampler falls outside the clip range (verl's
+  [0, 2] and TRL's [0, 3]), the weights' mean, the spread of the sequence log-ratios and the
+  Kish ESS fraction of the sequence weights (what sequence-level correction costs in samples).
 
     python bench/bf16_mismatch.py --out bench/results/bf16_mismatch.json
 """
@@ -31,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from rl_training import dist, policy  # noqa: E402
+from rl_training.algs.dr_grpo import SAMPLER_CORRECTIONS, sampler_weights  # noqa: E402
 from rl_training.config import load_config  # noqa: E402
 from rl_training.data.prompts import STOP_STRINGS  # noqa: E402
 from rl_training.models import set_float32_logits  # noqa: E402
@@ -53,6 +58,22 @@ def float32_logits(model):
 def mismatch(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> dict:
     d = (a - b).abs()[mask]
     return {"mean": float(d.mean()), "max": float(d.max()), "tokens": int(mask.sum())}
+
+
+def correction(trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor) -> dict:
+    """The loss's importance weights in each ``train.sampler_correction`` mode at two clip ranges."""
+    out: dict = {}
+    seq_log_ratio = ((trainer_logp.double() - sampler_logp.double()) * mask).sum(1)
+    out["sequence_log_ratio_std"] = float(seq_log_ratio.std())
+    out["sequence_log_ratio_max_abs"] = float(seq_log_ratio.abs().max())
+    w = seq_log_ratio.exp()
+    out["sequence_weight_ess_frac"] = float(w.sum() ** 2 / (w * w).sum()) / w.numel()  # Kish, uncut
+    for clip_max in (2.0, 3.0):
+        for mode in SAMPLER_CORRECTIONS[1:]:
+            sw = sampler_weights(trainer_logp, sampler_logp, mask, mode=mode, clip_min=0.0, clip_max=clip_max)
+            out[f"{mode}_clip{clip_max:g}"] = {"outside_frac": float(sw.outside[mask].double().mean()),
+                                              "weight_mean": float(sw.weight[mask].double().mean())}
+    return out
 
 
 def scores(model, comps, temperature: float, microbatch: int) -> torch.Tensor:
@@ -86,6 +107,7 @@ def measure(dtype: str, rows: int, overrides: list[str]) -> dict:
         out["seconds"] = time.perf_counter() - t0
         return out
     out["trainer_vs_trainer_one_row"] = mismatch(trained, scores(model, comps, T, 1), mask)
+    out["sampler_correction"] = correction(trained, comps.logp, mask)
     if dtype == "float16":
         out["seconds"] = time.perf_counter() - t0
         return out
@@ -125,6 +147,14 @@ def main() -> None:
                        ("float32_model_over_logged", "sampler vs trainer, float32 model"),
                        ("float16_model_over_logged", "sampler vs trainer, float16 model")):
         print(f"  {label:45s} / logged: {result[key]:.3g}")
+    corr = bf16["sampler_correction"]
+    print(f"sampler correction (bf16): sequence log-ratio std {corr['sequence_log_ratio_std']:.3f}, "
+          f"max |.| {corr['sequence_log_ratio_max_abs']:.3f}, Kish ESS of the sequence weights "
+          f"{corr['sequence_weight_ess_frac']:.3f} of the completions")
+    for mode in SAMPLER_CORRECTIONS[1:]:
+        cells = "   ".join(f"[0, {c:g}]: outside {corr[f'{mode}_clip{c:g}']['outside_frac']:.4f} "
+                           f"weight mean {corr[f'{mode}_clip{c:g}']['weight_mean']:.4f}" for c in (2.0, 3.0))
+        print(f"  {mode:18s} {cells}")
 
 
 if __name__ == "__main__":

@@ -154,6 +154,13 @@ def rows(results: dict) -> list[tuple[str, str, str]]:
             out.append(("float16 model's mismatch / bf16's", f"{r['float16_model_over_logged']:.2f}",
                         f"the float32 model cast to float16, sampling and scoring only; {f16['sampler_vs_trainer']['mean']:.4f} "
                         f"nats/token, the trainer vs itself one row at a time {f16['trainer_vs_trainer_one_row']['mean']:.4f}"))
+        if "sampler_correction" in r["bfloat16"]:
+            c = r["bfloat16"]["sampler_correction"]
+            out.append(("bf16 mismatch: Kish ESS of the sequence-level sampler weights / completions",
+                        f"{c['sequence_weight_ess_frac']:.2f}",
+                        f"train.sampler_correction=sequence_*: sequence log-ratio std {c['sequence_log_ratio_std']:.2f}, "
+                        f"largest {c['sequence_log_ratio_max_abs']:.2f} in absolute value; token weights outside [0, 2] "
+                        f"{c['token_truncate_clip2']['outside_frac']:.3f}, mean {c['token_truncate_clip2']['weight_mean']:.4f}"))
     return out
 
 

@@ -32,6 +32,7 @@ class StepContext:
     epoch: int = 0  # PPO epoch (0 .. ppo_epochs − 1); the hooks below fire once per epoch
     microbatch: Any = None  # RolloutBatch slice, in on_before_microbatch and on_after_backward
     token_logp: torch.Tensor | None = None  # [b, L] detached log π of the microbatch's tokens
+    token_weight: torch.Tensor | None = None  # [b, L] the loss's sampler importance weights (None: no correction)
     microbatch_index: int = -1
     num_microbatches: int = 0
     params_before: dict[str, torch.Tensor] | None = None  # θ_k: taken once per step, before the first optimizer.step

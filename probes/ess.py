@@ -1,13 +1,14 @@
 """ESS probe (kind ``ess``): how many sequences really drive the update.
 
 The Dr-GRPO gradient at ratio 1 is Σ_i A_i Σ_t ∇log π(y_t) / (N·L): sequence i enters with
-weight w_i = |A_i|·|y_i|. Kish's ESS = (Σw)²/Σw² over the step's N sequences (all ranks)
+weight w_i = |A_i|·|y_i|, or |A_i|·Σ_t s_t with the sampler correction's token weights s_t
+(``train.sampler_correction``). Kish's ESS = (Σw)²/Σw² over the step's N sequences (all ranks)
 says how many equally weighted sequences the update is worth. Zero-advantage sequences
 (groups topped up when filtering ran out of rounds) count in N with weight 0.
 
 | key | meaning |
 |---|---|
-| `probe/<name>/loss_ess` | Kish ESS of w_i = |A_i|·tokens_i |
+| `probe/<name>/loss_ess` | Kish ESS of w_i = |A_i|·tokens_i (·the sampler weights, when on) |
 | `probe/<name>/loss_ess_frac` | loss_ess / N |
 | `probe/<name>/max_weight_share` | max_i w_i / Σw: the share of the largest single sequence |
 | `probe/<name>/sequences` | N, sequences in the optimizer step |
@@ -39,10 +40,17 @@ class EssProbe(Probe):
                 self.add_stat(f"ratio_{unit}_{k}")
 
     def on_after_backward(self, ctx: StepContext) -> None:
+        mb = ctx.microbatch
+        if ctx.epoch == 0:  # the batch is the same in every PPO epoch: count it once
+            w = dr_grpo_weights(mb.advantages, mb.completion_mask, ctx.token_weight)
+            sw, sw2 = kish_sums(w)
+            self.stats["sum_w"] += sw
+            self.stats["sum_w2"] += sw2
+            self.stats["n"] += w.numel()
+            self.stats["max_w"] = max(self.stats["max_w"], float(w.max()) if w.numel() else 0.0)
         last = ctx.cfg.train.ppo_epochs - 1
         if last == 0 or ctx.epoch != last:
             return
-        mb = ctx.microbatch
         mask = mb.completion_mask.to(ctx.token_logp.device).bool()
         log_ratio = (ctx.token_logp.double() - mb.old_logp.to(ctx.token_logp.device).double()) * mask
         for unit, w in (("tok", log_ratio.exp()[mask]), ("seq", log_ratio.sum(-1).exp())):
@@ -50,16 +58,6 @@ class EssProbe(Probe):
             self.stats[f"ratio_{unit}_sum_w"] += sw
             self.stats[f"ratio_{unit}_sum_w2"] += sw2
             self.stats[f"ratio_{unit}_n"] += w.numel()
-
-    def on_before_optimizer_step(self, ctx: StepContext) -> None:
-        if ctx.epoch > 0:  # the batch is the same in every PPO epoch: count it once
-            return
-        w = dr_grpo_weights(ctx.batch.advantages, ctx.batch.completion_mask)
-        sw, sw2 = kish_sums(w)
-        self.stats["sum_w"] += sw
-        self.stats["sum_w2"] += sw2
-        self.stats["n"] += w.numel()
-        self.stats["max_w"] = max(self.stats["max_w"], float(w.max()) if w.numel() else 0.0)
 
     def compute(self) -> dict[str, float]:
         s = self.stats

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from rl_training.algs.dr_grpo import SAMPLER_CORRECTIONS
 from rl_training.errors import ConfigError
 
 
@@ -93,6 +94,11 @@ class TrainConfig:
     eps_low: float = 0.2
     eps_high: float = 0.2
     kl_beta: float = 0.0  # k3 KL to the base model (LoRA disabled); added only when > 0
+    # Importance weights π_trainer/π_sampler on the loss (rollout-training mismatch;
+    # algs/dr_grpo.sampler_weights): none | token_truncate | token_mask | sequence_truncate | sequence_mask
+    sampler_correction: str = "none"
+    sampler_clip_min: float = 0.0  # weights below are raised to it (truncate) or zeroed (mask)
+    sampler_clip_max: float = 2.0  # weights above are cut to it (truncate) or zeroed (mask); verl's default
     backend: str = "auto"  # auto | gloo | nccl
 
 
@@ -317,6 +323,10 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _check(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     _check(t.eps_low >= 0 and t.eps_high >= 0, "train.eps_low", "and eps_high must be >= 0")
     _check(t.kl_beta >= 0, "train.kl_beta", "must be >= 0")
+    _check(t.sampler_correction in SAMPLER_CORRECTIONS, "train.sampler_correction",
+           f"must be {'|'.join(SAMPLER_CORRECTIONS)}, got {t.sampler_correction!r}")
+    _check(0.0 <= t.sampler_clip_min < t.sampler_clip_max, "train.sampler_clip_min",
+           f"({t.sampler_clip_min}) must be >= 0 and below train.sampler_clip_max ({t.sampler_clip_max})")
     _check(t.backend in ("auto", "gloo", "nccl"), "train.backend", f"must be auto|gloo|nccl, got {t.backend!r}")
     _check(0.0 <= cfg.logging.rollout_fraction <= 1.0, "logging.rollout_fraction", "must be in [0, 1]")
     _check(cfg.checkpoint.save_every >= 0, "checkpoint.save_every", "must be >= 0")

@@ -39,7 +39,7 @@ from probes.base import SetupContext, StepContext
 from probes.manager import ProbeManager
 from probes.stats import StatSet
 from rl_training import checkpoint, policy, rollout
-from rl_training.algs.dr_grpo import dr_grpo_loss
+from rl_training.algs.dr_grpo import SamplerWeights, dr_grpo_loss, sampler_weights
 from rl_training.config import RunConfig, grad_accum, to_dict
 from rl_training.dist import DistInfo
 from rl_training.engine import build_engine
@@ -82,6 +82,7 @@ TRAIN_STATS = (
     ("completion_tokens", "sum"), ("groups", "sum"), ("groups_rejected", "sum"),
     ("underfilled_groups", "sum"), ("rounds", "max"), ("completion_len_max", "max"),
     ("rollout_seconds", "max"), ("mismatch_sum", "sum"), ("mismatch_tokens", "sum"), ("mismatch_max", "max"),
+    ("sampler_weight_sum", "sum"), ("sampler_outside", "sum"),
 )
 
 
@@ -139,12 +140,12 @@ class Trainer:
                 mb_ctx = ctx.replace(microbatch=mb, microbatch_index=i, num_microbatches=self.accum)
                 self.probes.on_before_microbatch(mb_ctx)  # captures attach to the forward+backward
                 with self._no_sync(i < self.accum - 1):
-                    terms, ent, surprisal, logp = self._microbatch_loss(mb)
+                    terms, ent, surprisal, logp, sw = self._microbatch_loss(mb)
                     terms.loss.backward()
                 self._accumulate(sums, terms, ent, surprisal, first_epoch=epoch == 0)
                 if epoch == 0:
-                    self._add_mismatch(sums, mb, logp)
-                self.probes.on_after_backward(mb_ctx.replace(token_logp=logp))
+                    self._add_mismatch(sums, mb, logp, sw)
+                self.probes.on_after_backward(mb_ctx.replace(token_logp=logp, token_weight=sw.weight if sw else None))
             self.probes.on_before_optimizer_step(ctx)
             if epoch == 0:  # θ_k, before the first update of the step; later epochs see it too
                 snapshot = self.probes.param_snapshot(self.trainable)
@@ -219,6 +220,10 @@ class Trainer:
             surprisal = -(logp * mask).sum()
         old = mb.old_logp.to(logp.device) if mb.old_logp is not None else logp.detach()
         ref = mb.ref_logp.to(logp.device) if mb.ref_logp is not None else None
+        t = cfg.train
+        sw = None if mb.sampler_logp is None else sampler_weights(
+            old, mb.sampler_logp, mask, mode=t.sampler_correction, clip_min=t.sampler_clip_min,
+            clip_max=t.sampler_clip_max)
         # DDP averages gradients over ranks; the loss divides by N·L over the whole step, so
         # each rank divides by N/world to make the average the global sum / (N·L).
         terms = dr_grpo_loss(
@@ -226,9 +231,9 @@ class Trainer:
             num_sequences=cfg.train.buffer_size / self.world.world_size,
             l_budget=cfg.rollout.max_new_tokens,
             eps_low=cfg.train.eps_low, eps_high=cfg.train.eps_high,
-            ref_logp=ref, kl_beta=cfg.train.kl_beta,
+            ref_logp=ref, kl_beta=cfg.train.kl_beta, token_weight=sw.weight if sw else None,
         )
-        return terms, ent, surprisal, logp.detach()
+        return terms, ent, surprisal, logp.detach(), sw
 
     def _accumulate(self, sums, terms, ent, surprisal, first_epoch: bool) -> None:
         # Report the loss of the global step (undo the per-rank ×world) averaged over epochs.
@@ -242,11 +247,15 @@ class Trainer:
             sums["kl_sum"] += float(terms.kl_sum)
 
     @staticmethod
-    def _add_mismatch(sums, mb: rollout.RolloutBatch, logp: torch.Tensor) -> None:
+    def _add_mismatch(sums, mb: rollout.RolloutBatch, logp: torch.Tensor, sw: SamplerWeights | None) -> None:
         """|log π as the sampler computed it − log π as the loss scores it| per token: rounding
-        (batch shapes, KV cache, merged or bf16 generation weights) and LoRA dropout, if any."""
+        (batch shapes, KV cache, merged or bf16 generation weights) and LoRA dropout, if any;
+        and the importance weights that correct the loss for it, when they do."""
         if mb.sampler_logp is None:
             return
+        if sw is not None:
+            sums["sampler_weight_sum"] += float(sw.weight.double().sum())
+            sums["sampler_outside"] += float(sw.outside.sum())
         mask = mb.completion_mask.to(logp.device).bool()
         gap = (logp.double() - mb.sampler_logp.to(logp.device).double()).abs()[mask]
         sums["mismatch_sum"] += float(gap.sum())
@@ -278,6 +287,9 @@ class Trainer:
             "rollout/rounds": s["rounds"],
             "rollout/logp_mismatch_tok": div(s["mismatch_sum"], s["mismatch_tokens"]),
             "rollout/logp_mismatch_max": s["mismatch_max"],
+            **({"train/sampler_weight_mean": div(s["sampler_weight_sum"], s["mismatch_tokens"]),
+                "train/sampler_outside_frac": div(s["sampler_outside"], s["mismatch_tokens"])}
+               if self.cfg.train.sampler_correction != "none" else {}),
             "time/rollout_s": s["rollout_seconds"],
             "time/tokens_per_s": div(s["completion_tokens"], s["rollout_seconds"]),
         }

@@ -32,3 +32,10 @@ def test_bf16_mismatch_bench_smoke(tmp_path):
     assert math.isfinite(r["float32"]["sampler_vs_trainer"]["mean"])
     assert r["float16"]["sampler_vs_trainer"]["tokens"] > 0 and math.isfinite(r["float16_model_over_logged"])
     assert "sampler vs trainer, float32 model" in proc.stdout
+    corr = r["bfloat16"]["sampler_correction"]
+    for mode in ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"):
+        for clip in ("2", "3"):
+            c = corr[f"{mode}_clip{clip}"]
+            assert 0 <= c["outside_frac"] <= 1 and 0 <= c["weight_mean"] <= float(clip), (mode, clip)
+    assert math.isfinite(corr["sequence_log_ratio_std"]) and 0 < corr["sequence_weight_ess_frac"] <= 1 + 1e-12
+    assert "sequence_mask" in proc.stdout

@@ -61,6 +61,15 @@ def test_truncated_sampling_is_refused():
         load_config(CFG / "tiny_test.yaml", ["rollout.top_k=50"])
 
 
+def test_sampler_correction_mode_and_clip_range_are_checked():
+    cfg = load_config(CFG / "tiny_test.yaml", ["train.sampler_correction=sequence_mask", "train.sampler_clip_max=3"])
+    assert cfg.train.sampler_correction == "sequence_mask" and cfg.train.sampler_clip_max == 3.0
+    with pytest.raises(ConfigError, match="'train.sampler_correction' must be none|token_truncate.*got 'tis'"):
+        load_config(CFG / "tiny_test.yaml", ["train.sampler_correction=tis"])
+    with pytest.raises(ConfigError, match=r"'train.sampler_clip_min' \(2.0\) must be >= 0 and below .* \(2.0\)"):
+        load_config(CFG / "tiny_test.yaml", ["train.sampler_clip_min=2"])
+
+
 def test_buffer_not_divisible_is_an_error():
     cfg = load_config(CFG / "tiny_test.yaml", ["train.buffer_size=12"])
     with pytest.raises(ConfigError, match="train.buffer_size.*divisible"):

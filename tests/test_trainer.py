@@ -166,3 +166,21 @@ def test_a_bf16_run_with_float32_logits_trains_and_every_probe_measures(tmp_path
         assert math.isfinite(r["rollout/logp_mismatch_tok"]) and math.isfinite(r["train/loss"])
         assert all(math.isfinite(v) for k, v in r.items() if k.startswith("probe/"))
     assert any(k.startswith("probe/delta_h/pred") for k in rows[-1]) and any(k.startswith("probe/gns/") for k in rows[-1])
+
+
+def test_sampler_correction_weights_the_loss(tmp_path):
+    """train.sampler_correction reaches the loss. In fp32 the sampler and the trainer agree to
+    rounding: weights 1, the same loss as uncorrected; a clip range that every ratio misses
+    masks every token: loss 0, no gradient."""
+    common = ("train.total_steps=1", "probes.probes=[{name: ess, kind: ess}]")
+    (plain,) = train_log(run_in_process(tmp_path / "plain", *common))
+    (tis,) = train_log(run_in_process(tmp_path / "tis", *common, "train.sampler_correction=token_truncate"))
+    assert "train/sampler_weight_mean" not in plain
+    assert tis["train/sampler_weight_mean"] == pytest.approx(1.0, abs=1e-5) and tis["train/sampler_outside_frac"] == 0.0
+    assert tis["train/loss"] == pytest.approx(plain["train/loss"], rel=1e-4, abs=1e-9)
+    assert tis["probe/ess/loss_ess"] == pytest.approx(plain["probe/ess/loss_ess"], rel=1e-4)
+    (masked,) = train_log(run_in_process(tmp_path / "mask", *common, "train.sampler_correction=sequence_mask",
+                                         "train.sampler_clip_min=5", "train.sampler_clip_max=6"))
+    assert masked["train/sampler_outside_frac"] == 1.0 and masked["train/sampler_weight_mean"] == 0.0
+    assert masked["train/loss"] == 0.0 and masked["train/grad_norm"] == 0.0
+    assert masked["probe/ess/loss_ess"] is None  # every weight 0: ESS undefined (nan, logged as null)

@@ -26,6 +26,37 @@ def test_dr_grpo_weights_are_abs_advantage_times_tokens():
     assert dr_grpo_weights(adv, mask).tolist() == [1.5, 0.5, 0.0]
 
 
+def test_dr_grpo_weights_with_the_loss_token_weights():
+    adv = torch.tensor([0.5, -2.0])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    tw = torch.tensor([[2.0, 0.5, 9.0], [1.0, 0.0, 3.0]])  # padding's weight never counts
+    assert dr_grpo_weights(adv, mask, tw).tolist() == [0.5 * 2.5, 2.0 * 4.0]
+
+
+def test_loss_ess_summed_over_microbatches_with_sampler_weights():
+    from types import SimpleNamespace
+
+    from probes.base import SetupContext, StepContext
+    from probes.ess import EssProbe
+
+    probe = EssProbe("ess")
+    probe.setup(SetupContext(None, None, None, None, {}))
+    probe.reset_stats()
+    cfg = SimpleNamespace(train=SimpleNamespace(ppo_epochs=1))
+    gen = torch.Generator().manual_seed(5)
+    adv = torch.randn(6, generator=gen)
+    mask = (torch.rand(6, 5, generator=gen) < 0.8).long()
+    tw = torch.rand(6, 5, generator=gen) * 2
+    for rows in (slice(0, 2), slice(2, 4), slice(4, 6)):
+        mb = SimpleNamespace(completion_mask=mask[rows], advantages=adv[rows])
+        probe.on_after_backward(StepContext(1, None, None, 0.0, None, None, cfg, microbatch=mb, token_weight=tw[rows]))
+    out = probe.compute()
+    w = [abs(float(adv[i])) * sum(float(tw[i, t]) for t in range(5) if mask[i, t]) for i in range(6)]
+    assert out["loss_ess"] == pytest.approx(sum(w) ** 2 / sum(x * x for x in w), rel=1e-12)
+    assert out["max_weight_share"] == pytest.approx(max(w) / sum(w), rel=1e-12)
+    assert out["sequences"] == 6
+
+
 def test_ppo_ratio_ess_against_brute_force():
     from types import SimpleNamespace
 
@@ -40,7 +71,7 @@ def test_ppo_ratio_ess_against_brute_force():
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
     old = -torch.rand(3, 4, generator=gen)
     new = old + 0.3 * torch.randn(3, 4, generator=gen)
-    mb = SimpleNamespace(completion_mask=mask, old_logp=old)
+    mb = SimpleNamespace(completion_mask=mask, old_logp=old, advantages=torch.tensor([0.5, -0.5, 0.0]))
     for epoch in range(3):  # only the last epoch counts
         ctx = StepContext(1, None, None, 0.0, None, None, cfg, epoch=epoch, microbatch=mb, token_logp=new)
         probe.on_after_backward(ctx)
