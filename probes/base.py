@@ -33,6 +33,7 @@ class StepContext:
     microbatch: Any = None  # RolloutBatch slice, in on_before_microbatch and on_after_backward
     token_logp: torch.Tensor | None = None  # [b, L] detached log π of the microbatch's tokens
     token_weight: torch.Tensor | None = None  # [b, L] the loss's sampler importance weights (None: no correction)
+    loss_scale: float = 1.0  # what this epoch's losses were multiplied by before their backward (float16); captured gradients carry it
     microbatch_index: int = -1
     num_microbatches: int = 0
     params_before: dict[str, torch.Tensor] | None = None  # θ_k: taken once per step, before the first optimizer.step
@@ -135,6 +136,10 @@ class Probe:
 
     def on_after_optimizer_step(self, ctx: StepContext) -> None:
         pass
+
+    def on_step_dropped(self) -> None:
+        """The step's update was skipped (a float16 gradient overflowed): no more hooks and no
+        results this step; free what is held for it."""
 
     def on_reduced(self) -> None:
         """After the reduce, before ``compute``: update state (EMAs) from the reduced stats, so

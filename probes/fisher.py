@@ -194,6 +194,9 @@ class FisherProbe(Probe):
         scale = ctx.lr * held["clip"] / (ctx.cfg.train.buffer_size * ctx.cfg.rollout.max_new_tokens)
         self.accumulate(held, D, ctx.delta_theta(), scale, ctx.step)
 
+    def on_step_dropped(self) -> None:
+        self._e = self._held = self._stacked = self._kron = None  # the E rows' graph and the rows held for the kernel
+
     # -------------------------------------------------------------------------- the three parts
     def e_begin(self, model, ebatch, n_u: int, step: int) -> dict:
         """Before the update, at θ_k: rows held for the E rows and the ``n_u`` training rows to

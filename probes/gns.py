@@ -154,18 +154,22 @@ class GnsProbe(Probe):
         if ctx.epoch > 0:
             return
         assert not self._open, "a group's rows did not all pass through the backward"
-        names, flat = ctx.flat_grad()
+        names, flat = ctx.flat_grad()  # unscaled; the captured rows carry the loss scale S
+        unscale = 1.0 / ctx.loss_scale**2  # S is a power of two: exact
         self.stats["g2"] = float(flat.pow(2).sum(dtype=torch.float64))
-        self.stats["sq_members"] += float(self._sq_members)
-        self.stats["sq_groups"] += float(self._sq_groups)
+        self.stats["sq_members"] += float(self._sq_members) * unscale
+        self.stats["sq_groups"] += float(self._sq_groups) * unscale
         self.stats["adam"] = float(self._D is not None)
         if self._D is not None:
-            self.stats["sq_groups_adam"] += float(self._sq_groups_adam)
+            self.stats["sq_groups_adam"] += float(self._sq_groups_adam) * unscale
             D = torch.cat([self._D[n] for n in names]) if names else flat
             self.stats["g2_adam"] = float((flat.pow(2) * D).sum(dtype=torch.float64))
         st = ctx.batch.stats
         self.stats["groups"] += float(st.groups)
         self.stats["groups_accepted"] += float(st.groups - st.groups_rejected)
+
+    def on_step_dropped(self) -> None:
+        self._rows, self._open, self._held = {}, {}, 0
 
     def _plan_step(self, batch, microbatch_size: int, device: torch.device) -> None:
         """Which groups are examples (some nonzero advantage), and per microbatch the 0/1 matrix

@@ -78,6 +78,7 @@ class ProbeManager:
         self._failed: set[str] = set()  # failed on this rank during this step
         self._compute_failed: set[str] = set()  # failed in this rank's last compute(); flagged at the next reduce
         self._time: dict[str, float] = {}
+        self._dropped = False  # this step's update was skipped: the due probes report nothing
 
     @classmethod
     def from_config(cls, probes_cfg) -> ProbeManager:
@@ -95,6 +96,7 @@ class ProbeManager:
         # A probe whose compute() failed here stays due (the layout is shared) but does not run.
         self._failed = {p.name for p in self._due} & self._compute_failed
         self._time = {p.name: 0.0 for p in self._due}
+        self._dropped = False
         for p in self._due:
             p.reset_stats()
             p.step = step
@@ -121,7 +123,17 @@ class ProbeManager:
         return snapshot
 
     def _live(self) -> list[Probe]:
-        return [p for p in self._due if p.name not in self._failed]
+        return [] if self._dropped else [p for p in self._due if p.name not in self._failed]
+
+    def drop_step(self) -> None:
+        """The step's update is skipped (float16 overflow; the same on every rank): the due
+        probes get no more hooks and report nothing, but still take their part in ``reduce``."""
+        for p in self._live():
+            try:
+                p.on_step_dropped()
+            except Exception:
+                self._fail(p, "on_step_dropped")
+        self._dropped = True
 
     def _fail(self, p: Probe, where: str) -> None:
         """Called from an ``except`` block: re-raise when strict, else log and skip p this step."""
@@ -199,7 +211,7 @@ class ProbeManager:
             shared.unpack(kind, flat[: packed[kind][0].numel()])
         out: dict[str, float] = {}
         for i, p in enumerate(due, start=1):
-            if p.name in failed_anywhere:
+            if p.name in failed_anywhere or self._dropped:
                 continue
             for kind, flat in reduced.items():
                 start = sum(slot.numel() for slot in packed[kind][:i])

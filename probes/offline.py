@@ -36,6 +36,8 @@ from rl_training.session import build_session
 
 log = logging.getLogger(__name__)
 
+MAX_LOSS_SCALE_BACKOFFS = 64  # float16: tries of one update, the loss scale halved after each overflow
+
 
 def resolve_checkpoint(path: Path, need_optimizer: bool) -> Path:
     """A checkpoints/step_N folder (verified) from it, its checkpoints/ folder or a run directory."""
@@ -109,23 +111,35 @@ class EntropyExperiment:
             tr.cfg.train.buffer_size = bu
             tr.accum = grad_accum(tr.cfg, self.world.world_size)
         try:
-            for group in tr.optimizer.param_groups:
-                group["lr"] = lr
-            tr.step = 10_000_000 + key  # rollout seeds are keyed by step: a fresh U-batch per key
-            out = tr.train_step()
+            for _ in range(MAX_LOSS_SCALE_BACKOFFS):
+                for group in tr.optimizer.param_groups:
+                    group["lr"] = lr
+                tr.step = 10_000_000 + key  # rollout seeds are keyed by step: a fresh U-batch per key
+                out = tr.train_step()
+                if not out.metrics.get("train/updates_skipped"):
+                    break
+                self._restore(saved)  # float16 overflow: the same U-batch again at half the loss scale
+            else:
+                raise RuntimeError(f"the update overflowed in float16 at every loss scale down to {tr.loss_scaler.scale}")
             self.last_batch = out.batch
             self.last_clip = clip_coefficient(out.metrics["train/grad_norm"], tr.cfg.train.grad_clip)
             self.last_preconditioner = adam_preconditioner(tr.optimizer, tr.trainable)
             return {n: p.detach() - self.theta[n] for n, p in tr.trainable.items()}
         finally:
-            with torch.no_grad():
-                for n, p in tr.trainable.items():
-                    p.copy_(self.theta[n])
-            tr.optimizer.load_state_dict(saved[0])
-            tr.lr_scheduler.load_state_dict(saved[1])
-            tr.scheduler.load_state_dict(saved[2])
-            tr.step, tr.cfg.train.buffer_size = saved[3], saved[4]
+            self._restore(saved)
+            tr.cfg.train.buffer_size = saved[4]
             tr.accum = grad_accum(tr.cfg, self.world.world_size)
+
+    def _restore(self, saved: tuple) -> None:
+        """θ, optimizer, schedulers and step as before ``update`` (the loss scale is kept)."""
+        tr = self.trainer
+        with torch.no_grad():
+            for n, p in tr.trainable.items():
+                p.copy_(self.theta[n])
+        tr.optimizer.load_state_dict(saved[0])
+        tr.lr_scheduler.load_state_dict(saved[1])
+        tr.scheduler.load_state_dict(saved[2])
+        tr.step = saved[3]
 
     def fisher_probe(self, b_e: int, preconditioner: str) -> FisherProbe:
         probe = FisherProbe("offline", 1, {"batch_size": b_e, "completions_per_prompt": self.probe.spec.per_prompt,

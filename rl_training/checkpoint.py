@@ -46,6 +46,7 @@ DATA_KEY = "data_scheduler"
 PROBES_KEY = "probes"
 CONFIG_KEY = "config"
 WORLD_SIZE_KEY = "world_size"
+LOSS_SCALE_KEY = "loss_scale"
 
 
 class CheckpointError(UserError):

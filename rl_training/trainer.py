@@ -7,13 +7,15 @@
     for epoch in ppo_epochs:
       for i, mb in enumerate(microbatches(rollout)):      # grad_accum = buffer / (world × micro)
           probes.on_before_microbatch(ctx)        # captures attach (per-sequence gradients)
-          with no_sync unless last: loss(mb).backward()
+          with no_sync unless last: (S · loss(mb)).backward()   # S: the loss scale, 1 but in float16
           probes.on_after_backward(ctx)           # local, per-microbatch gradients (GNS small batch); after
                                                   # the last of epoch 0: exchange-stats summed over the ranks,
                                                   # a round at a time, each followed by probes.on_exchanged
+      finite = unscale gradients                  # float16: ÷ the loss scale; inf/nan: the update is
+                                                  # skipped and the due probes drop this step
       probes.on_before_optimizer_step(ctx)        # synced gradient (GNS big batch)
       if epoch == 0: snapshot θ_k                 # once per step, only if a due probe asks
-      clip; optimizer.step()
+      clip; optimizer.step() if finite
       probes.on_after_optimizer_step(ctx)         # Δθ = θ_now − θ_k (exact, any optimizer)
       optimizer.zero_grad()                       # only after the probes ran
     lr_scheduler.step()                           # counts trainer steps, not PPO epochs
@@ -30,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +46,7 @@ from rl_training.algs.dr_grpo import SamplerWeights, dr_grpo_loss, sampler_weigh
 from rl_training.config import RunConfig, grad_accum, to_dict
 from rl_training.dist import DistInfo
 from rl_training.engine import build_engine
+from rl_training.loss_scale import LossScaler
 from rl_training.sampling import stable_seed
 
 
@@ -82,7 +86,7 @@ TRAIN_STATS = (
     ("completion_tokens", "sum"), ("groups", "sum"), ("groups_rejected", "sum"),
     ("underfilled_groups", "sum"), ("rounds", "max"), ("completion_len_max", "max"),
     ("rollout_seconds", "max"), ("mismatch_sum", "sum"), ("mismatch_tokens", "sum"), ("mismatch_max", "max"),
-    ("sampler_weight_sum", "sum"), ("sampler_outside", "sum"),
+    ("sampler_weight_sum", "sum"), ("sampler_outside", "sum"), ("updates_skipped", "max"),
 )
 
 
@@ -105,6 +109,7 @@ class Trainer:
         self.accum = grad_accum(cfg, world.world_size)
         self.ddp = DDP(model, device_ids=None) if world.enabled else None
         self.optimizer, self.lr_scheduler = build_optimizer(model, cfg)
+        self.loss_scaler = LossScaler(cfg.model.dtype == "float16", cfg.train.loss_scale_init)
         self.step = 0  # optimizer steps done
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         setup = SetupContext(cfg, world, model, tokenizer, {}, eval_records=list(eval_records),
@@ -133,27 +138,36 @@ class Trainer:
         micro = cfg.train.microbatch_size
         grad_norm = 0.0
         snapshot = None
+        params = list(self.trainable.values())
         for epoch in range(cfg.train.ppo_epochs):
-            ctx = ctx.replace(epoch=epoch)
+            ctx = ctx.replace(epoch=epoch, loss_scale=self.loss_scaler.scale)
             for i in range(self.accum):
                 mb = batch.select(slice(i * micro, (i + 1) * micro))
                 mb_ctx = ctx.replace(microbatch=mb, microbatch_index=i, num_microbatches=self.accum)
                 self.probes.on_before_microbatch(mb_ctx)  # captures attach to the forward+backward
                 with self._no_sync(i < self.accum - 1):
                     terms, ent, surprisal, logp, sw = self._microbatch_loss(mb)
-                    terms.loss.backward()
+                    self.loss_scaler.scale_loss(terms.loss).backward()
                 self._accumulate(sums, terms, ent, surprisal, first_epoch=epoch == 0)
                 if epoch == 0:
                     self._add_mismatch(sums, mb, logp, sw)
                 self.probes.on_after_backward(mb_ctx.replace(token_logp=logp, token_weight=sw.weight if sw else None))
+            finite = self.loss_scaler.unscale_(params)
+            if not finite:  # the same on every rank: the gradients are synced
+                sums["updates_skipped"] += 1.0
+                self.probes.drop_step()
             self.probes.on_before_optimizer_step(ctx)
             if epoch == 0:  # θ_k, before the first update of the step; later epochs see it too
                 snapshot = self.probes.param_snapshot(self.trainable)
-            grad_norm = clip_and_norm(list(self.trainable.values()), cfg.train.grad_clip)
-            self.optimizer.step()
+            grad_norm = clip_and_norm(params, cfg.train.grad_clip)
+            if finite:
+                self.optimizer.step()
+            self.loss_scaler.update(finite)
             self.probes.on_after_optimizer_step(ctx.replace(params_before=snapshot))
             self.optimizer.zero_grad(set_to_none=True)
-        self.lr_scheduler.step()
+        with warnings.catch_warnings():  # a skipped (float16 overflow) first update: the schedule counts steps anyway
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            self.lr_scheduler.step()
 
         self.step = step
         self._add_rollout_stats(sums, batch.stats)
@@ -163,6 +177,8 @@ class Trainer:
         # The scheduler's state is the same on every rank (it sees the gathered pass rates).
         metrics.update({f"scheduler/{b}": float(n) for b, n in self.scheduler.bucket_counts().items()})
         metrics.update({"train/grad_norm": grad_norm, "train/lr": lr, "time/step_s": time.perf_counter() - t_step})
+        if self.loss_scaler.enabled:  # the scale the next step starts with; epochs whose update overflowed
+            metrics.update({"train/loss_scale": self.loss_scaler.scale, "train/updates_skipped": sums["updates_skipped"]})
         return StepOutput(step, metrics, batch)
 
     # ------------------------------------------------------------------------------ state
@@ -172,6 +188,7 @@ class Trainer:
             checkpoint.STEP_KEY: self.step,
             checkpoint.DATA_KEY: self.scheduler.state_dict(),
             checkpoint.PROBES_KEY: self.probes.state_dict(),
+            checkpoint.LOSS_SCALE_KEY: self.loss_scaler.state_dict(),
         }
 
     def close(self) -> None:
@@ -203,6 +220,8 @@ class Trainer:
         self.step = int(state[checkpoint.STEP_KEY])
         self.scheduler.load_state_dict(state[checkpoint.DATA_KEY])
         self.probes.load_state_dict(state[checkpoint.PROBES_KEY])
+        if checkpoint.LOSS_SCALE_KEY in state:  # absent from checkpoints older than float16 training
+            self.loss_scaler.load_state_dict(state[checkpoint.LOSS_SCALE_KEY])
         rngs = state[checkpoint.RNG_KEY]
         # Sampling and dropout are keyed by (seed, step), so the restored streams matter only
         # to code outside the trainer; a different world size restores rank 0's.

@@ -64,10 +64,19 @@ def test_truncated_sampling_is_refused():
 def test_sampler_correction_mode_and_clip_range_are_checked():
     cfg = load_config(CFG / "tiny_test.yaml", ["train.sampler_correction=sequence_mask", "train.sampler_clip_max=3"])
     assert cfg.train.sampler_correction == "sequence_mask" and cfg.train.sampler_clip_max == 3.0
-    with pytest.raises(ConfigError, match="'train.sampler_correction' must be none|token_truncate.*got 'tis'"):
+    with pytest.raises(ConfigError, match=r"'train.sampler_correction' must be none\|token_truncate\|.*got 'tis'"):
         load_config(CFG / "tiny_test.yaml", ["train.sampler_correction=tis"])
     with pytest.raises(ConfigError, match=r"'train.sampler_clip_min' \(2.0\) must be >= 0 and below .* \(2.0\)"):
         load_config(CFG / "tiny_test.yaml", ["train.sampler_clip_min=2"])
+
+
+def test_float16_and_its_loss_scale_are_checked():
+    cfg = load_config(CFG / "tiny_test.yaml", ["model.dtype=float16", "train.loss_scale_init=1024"])
+    assert cfg.model.dtype == "float16" and cfg.train.loss_scale_init == 1024.0
+    with pytest.raises(ConfigError, match=r"'model.dtype' must be float32\|bfloat16\|float16\|float64, got 'half'"):
+        load_config(CFG / "tiny_test.yaml", ["model.dtype=half"])
+    with pytest.raises(ConfigError, match="'train.loss_scale_init' must be a power of two .*got 1000"):
+        load_config(CFG / "tiny_test.yaml", ["train.loss_scale_init=1000"])
 
 
 def test_buffer_not_divisible_is_an_error():

@@ -109,3 +109,22 @@ def test_in_float64_delta_h_over_lr_is_flat_at_small_learning_rates(run_dir, tmp
     small, large = res["paired"]
     assert small["ratio_repeats"] == large["ratio_repeats"] == 2
     assert abs(large["ratio"] - 1) < 1e-4, large
+
+
+def test_a_float16_update_that_overflows_is_retried_at_half_the_loss_scale(tmp_path):
+    """A float16 checkpoint whose loss scale overflows (2^39 after the first step's overflow at
+    2^40): the offline update retries the same U-batch, halving the scale, until it is finite;
+    then it is the update of the scale that works, and everything else is restored."""
+    run = run_in_process(tmp_path, "train.total_steps=1", "model.dtype=float16", "probes.probes=[]",
+                         f"train.loss_scale_init={2.0**40}")
+    exp = EntropyExperiment(run)
+    assert exp.trainer.loss_scaler.scale == 2.0**39
+    before = {n: p.detach().clone() for n, p in exp.trainer.trainable.items()}
+    d = exp.update(1e-3, key=0)
+    assert any(t.abs().sum() > 0 for t in d.values()) and all(bool(t.isfinite().all()) for t in d.values())
+    assert exp.trainer.loss_scaler.scale < 2.0**30  # backed off, and kept for the next update
+    assert all(torch.equal(p, before[n]) for n, p in exp.trainer.trainable.items())
+    scale = exp.trainer.loss_scaler.scale
+    d_again = exp.update(1e-3, key=0)  # no overflow now: the same update at the same scale
+    assert exp.trainer.loss_scaler.scale == scale
+    assert all(torch.equal(d[n], d_again[n]) for n in d)

@@ -174,8 +174,8 @@ def test_load_errors(tmp_path):
         load_tokenizer_and_model(ModelSpec("./no/such/model"))
     with pytest.raises(ModelError, match=f"'{tmp_path}' has no config.json"):
         load_tokenizer_and_model(ModelSpec(str(tmp_path)))
-    with pytest.raises(ConfigError, match="float16"):
-        load_tokenizer_and_model(ModelSpec("tiny-random", dtype="float16"))
+    with pytest.raises(ConfigError, match="model.dtype must be one of .*float16.*got 'int8'"):
+        load_tokenizer_and_model(ModelSpec("tiny-random", dtype="int8"))
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf file at all" * 10)
     with pytest.raises(ModelError, match=f"cannot read GGUF file '{bad}'"):

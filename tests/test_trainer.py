@@ -184,3 +184,38 @@ def test_sampler_correction_weights_the_loss(tmp_path):
     assert masked["train/sampler_outside_frac"] == 1.0 and masked["train/sampler_weight_mean"] == 0.0
     assert masked["train/loss"] == 0.0 and masked["train/grad_norm"] == 0.0
     assert masked["probe/ess/loss_ess"] is None  # every weight 0: ESS undefined (nan, logged as null)
+
+
+FP16_PROBES = ("probes.probes=[{name: gns, kind: gns}, {name: ess, kind: ess}, {name: dh, kind: delta_h, options: {batch_size: 4}}, "
+               "{name: fisher, kind: fisher, options: {batch_size: 4}}]")
+
+
+def test_float16_training_does_not_depend_on_the_loss_scale(tmp_path):
+    """Two loss scales 16× apart: the run reads the same to float16 rounding (a power-of-two
+    scale is exact, but the float16 backward's subnormals are not). The GNS probe's captured
+    rows carry S: not dividing them by S² would move its sums 256×."""
+    common = ("train.total_steps=2", "model.dtype=float16", "probes.strict=true", FP16_PROBES)
+    a = train_log(run_in_process(tmp_path / "a", *common, "train.loss_scale_init=1024"))
+    b = train_log(run_in_process(tmp_path / "b", *common, "train.loss_scale_init=16384"))
+    for ra, rb in zip(a, b):
+        assert (ra["train/loss_scale"], rb["train/loss_scale"]) == (1024.0, 16384.0)
+        assert ra["train/updates_skipped"] == rb["train/updates_skipped"] == 0.0
+        assert ra["train/loss"] == rb["train/loss"]  # the same forward
+        keys = ["train/grad_norm", "probe/gns/g2", "probe/gns/trS", "probe/gns/s_w_ema", "probe/ess/loss_ess",
+                "probe/dh/pred", "probe/dh/true", "probe/fisher/pred"]
+        for k in keys:
+            assert ra[k] == pytest.approx(rb[k], rel=2e-3), k
+
+
+def test_float16_overflow_skips_the_update_and_the_probes_and_resumes_with_its_scale(tmp_path):
+    from runners.resume_training import main as resume_main
+    from tests.helpers.runs import adapter
+
+    run = run_in_process(tmp_path, "train.total_steps=1", "model.dtype=float16", "probes.strict=true", FP16_PROBES,
+                         f"train.loss_scale_init={2.0**100}")
+    (row,) = train_log(run)
+    assert row["train/updates_skipped"] == 1.0 and row["train/loss_scale"] == 2.0**99
+    assert not any(k.startswith("probe/") for k in row)  # the due probes dropped the step
+    assert all(float(t.abs().max()) == 0.0 for k, t in adapter(run).items() if "lora_B" in k)  # never updated
+    assert resume_main(["--run-dir", str(run), "--additional-steps", "1"]) == 0
+    assert train_log(run)[-1]["train/loss_scale"] == 2.0**98  # the checkpoint's scale, halved again

@@ -1,0 +1,60 @@
+"""Dynamic loss scaling, for a float16 model's backward.
+
+The Dr-GRPO loss is divided by N·L_budget (51,200 at the user's setting), so its activation
+gradients sit around 1e-5 to 1e-8: in float16 (smallest normal 6e-5) they underflow. The loss
+is multiplied by S before the backward and the gradients divided by S after; S halves when a
+gradient is inf or nan (the step is then skipped) and doubles after ``growth_interval`` good
+steps in a row, as torch.amp.GradScaler does. Ours says whether the step will be skipped
+before the optimizer step, so that the probes can drop that step instead of reading an inf
+gradient or a zero update. S is a power of two: scaling and unscaling are exact.
+
+Gradients are the same on every rank when they are checked (DDP has averaged them), so every
+rank skips the same steps without a collective.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class LossScaler:
+    def __init__(self, enabled: bool, init_scale: float = 2.0**16, growth_interval: int = 2000):
+        assert init_scale > 0 and math.log2(init_scale).is_integer(), "the scale must be a power of two"
+        self.enabled = enabled
+        self.scale = float(init_scale) if enabled else 1.0
+        self.growth_interval = growth_interval
+        self.good_steps = 0  # finite steps since the scale last changed
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.scale if self.enabled else loss
+
+    def unscale_(self, params: list[torch.Tensor]) -> bool:
+        """Divide the gradients by S in place; False when one of them is not finite (the
+        step must be skipped). Disabled: nothing to do, True."""
+        if not self.enabled:
+            return True
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return True
+        torch._foreach_mul_(grads, 1.0 / self.scale)
+        norms = torch.stack(torch._foreach_norm(grads))
+        return bool(norms.isfinite().all())  # one device-to-host read a step
+
+    def update(self, finite: bool) -> None:
+        if not self.enabled:
+            return
+        if not finite:
+            self.scale, self.good_steps = self.scale / 2.0, 0
+            return
+        self.good_steps += 1
+        if self.good_steps >= self.growth_interval:
+            self.scale, self.good_steps = self.scale * 2.0, 0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if self.enabled:
+            self.scale, self.good_steps = float(sd["scale"]), int(sd["good_steps"])
