@@ -16,8 +16,9 @@ table and writes JSON:
 - step: our trainer without probes, with δH (B_E 16; on a GPU its float32 products with the bf16
   weights as split bf16 GEMMs, and again with float32 GEMMs: ``delta_h_fp32``), with gns + ess,
   with Fisher (mode sketch, B_E 16), without probes but with the compiled decode, and without
-  probes but with float32 logits (``model.float32_logits``), alternated step by step (seven
-  trainers, one model each), medians, each one's extra time over the bare step;
+  probes but with float32 logits (``model.float32_logits``), and without probes in float16 with
+  its loss scale (``model.dtype=float16``), alternated step by step (eight trainers, one model
+  each), medians, each one's extra time over the bare step;
 - the rollout–training mismatch our trainer logs (mean and max |Δ log π| per token);
 - TRL 1.16's GRPOTrainer on the same model and work, alternated with ours (``--trl``; needs trl
   and datasets installed);
@@ -83,6 +84,8 @@ TRAINERS = {  # name -> overrides
     "compiled": ["probes.probes=[]", "rollout.compile_decode=always"],
     # the lm_head's output in float32 (model.float32_logits): its cost and the mismatch it leaves
     "float32_logits": ["probes.probes=[]", "model.float32_logits=true"],
+    # float16 training (loss-scaled): its step time and the mismatch it leaves, against bf16's
+    "float16": ["probes.probes=[]", "model.dtype=float16"],
 }
 
 
@@ -292,6 +295,9 @@ def table(r: dict) -> str:
                  f"{s['bare']['logp_mismatch_max']:.2g} nats |")
     if f := s.get("float32_logits"):
         lines.append(f"| our step, no probes, float32 logits | {f['s_median']:.2f} s ({f['overhead_of_bare_step']:+.3f}), "
+                     f"mismatch {f['logp_mismatch_tok']:.2g} / {f['logp_mismatch_max']:.2g} nats |")
+    if f := s.get("float16"):
+        lines.append(f"| our step, no probes, float16 (loss-scaled) | {f['s_median']:.2f} s ({f['overhead_of_bare_step']:+.3f}), "
                      f"mismatch {f['logp_mismatch_tok']:.2g} / {f['logp_mismatch_max']:.2g} nats |")
     if "trl" in r:
         t = r["trl"]

@@ -43,6 +43,7 @@ BENCHES = {
     "stop_matcher": ["bench/stop_matcher.py"],
     "derivative_precision": ["bench/derivative_precision.py"],
     "bf16_mismatch": ["bench/bf16_mismatch.py"],
+    "float16_training": ["bench/float16_training.py", "--steps", "3"],
 }
 
 
@@ -161,6 +162,21 @@ def rows(results: dict) -> list[tuple[str, str, str]]:
                         f"train.sampler_correction=sequence_*: sequence log-ratio std {c['sequence_log_ratio_std']:.2f}, "
                         f"largest {c['sequence_log_ratio_max_abs']:.2f} in absolute value; token weights outside [0, 2] "
                         f"{c['token_truncate_clip2']['outside_frac']:.3f}, mean {c['token_truncate_clip2']['weight_mean']:.4f}"))
+    if "float16_training" in results:
+        r = results["float16_training"]
+        g, f16, b16 = r["gradient"], r["runs"]["float16"], r["runs"]["bfloat16"]
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        out.append(("float16 / bf16 training: loss-gradient error against float32 arithmetic",
+                    f"{r['grad_err_float16_over_bfloat16']:.2f}",
+                    f"demo's SmolLM2 + LoRA, one step's {g['sequences']} sequences, the same rounded weights in float32 the "
+                    f"reference; relative errors bf16 {g['bfloat16']['rel_err']:.1e}, float16 with its loss scale "
+                    f"{g['float16_scaled']['rel_err']:.1e}, without one {g['float16_unscaled']['rel_err']:.1e} "
+                    f"({g['float16_unscaled']['zeroed_frac']:.1%} of entries underflow to 0)"))
+        out.append(("float16 / bf16 training: logged rollout–training mismatch", f"{r['mismatch_float16_over_bfloat16']:.2f}",
+                    f"{r['steps']} steps each, alternating; {mean(f16['mismatch_tok']):.4f} against "
+                    f"{mean(b16['mismatch_tok']):.4f} nats/token; float16 updates skipped {f16['updates_skipped']:g}"))
+        out.append(("float16 / bf16 training: s/step", f"{r['step_time_float16_over_bfloat16']:.2f}",
+                    f"{mean(f16['step_s']):.1f} against {mean(b16['step_s']):.1f} s (these CPU cores; no GPU measurement)"))
     return out
 
 

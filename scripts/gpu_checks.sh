@@ -77,7 +77,7 @@ left() { echo $((BUDGET - ($(date +%s) - START) - 10)); }
 part nccl 90 env PYTHON="$PY" bash scripts/gpu_nccl_check.sh "$(mktemp -d)" probes.strict=true
 part fisher_cost 150 "$PY" bench/fisher_cost.py --shape "$SMALL" --tokenizer "$TOK" --rounds "$ROUNDS" \
   --out "$OUT/fisher_cost.json"
-# No new round of timed steps after --budget-s: a round of seven trainers and TRL's steps still follow.
+# No new round of timed steps after --budget-s: a round of eight trainers and TRL's steps still follow.
 STEP_BUDGET=$(($(left) - 240))
 part gpu_step 100000 "$PY" bench/gpu_step.py --shape "$BIG" --tokenizer "$TOK" "${QUICK[@]}" "${TRL[@]}" \
   --budget-s $((STEP_BUDGET > 0 ? STEP_BUDGET : 0)) --out "$OUT/gpu_step.json"

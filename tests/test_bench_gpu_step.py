@@ -38,7 +38,7 @@ def test_gpu_step_bench_smoke_on_the_tiny_shape(tmp_path):
         assert d["tokens"] == [8 * 16] or all(0 < t <= 8 * 16 for t in d["tokens"])
         assert d["tokens_per_s"] > 0 and d["ms_per_decode_step"] > 0
     assert r["bound_ms_per_decode_step"] > 0
-    for name in ("bare", "delta_h", "delta_h_fp32", "gns_ess", "fisher_sketch", "compiled", "float32_logits"):
+    for name in ("bare", "delta_h", "delta_h_fp32", "gns_ess", "fisher_sketch", "compiled", "float32_logits", "float16"):
         assert math.isfinite(r["steps"][name]["overhead_of_bare_step"])
     assert r["steps"]["bare"]["overhead_of_bare_step"] == 0.0
     assert "--budget-s reached: 1 timed steps per trainer, not 3" in proc.stdout and r["done"] == "trl"
