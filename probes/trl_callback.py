@@ -34,7 +34,8 @@ What carries over, and the limits, probe by probe:
   importance-sampling correction weights each token's loss by π_θ/π_vLLM: the figures that take
   the loss's weights to be Dr-GRPO's (``LOSS_WEIGHTED``) leave them out, and a warning says so.
   Gradient checkpointing
-  and ``bf16=True`` (TRL's defaults) are fine: the probes' passes take off the input-gradient
+  and ``bf16=True`` (TRL's defaults) are fine (``fp16=True`` is refused: its gradients are
+  loss-scaled until accelerate unscales them inside its clipping, after the probes read them): the probes' passes take off the input-gradient
   hook and accelerate's autocast wrapper of ``forward`` (``probes/evaluation.py``). A checkpoint
   without ``probe_state.pt`` (from a run without this callback) resumes with fresh probe state,
   and says so in a warning. Several
@@ -156,6 +157,11 @@ class ProbeCallback(TrainerCallback):
             raise ConfigError(f"ProbeCallback: the probes take the loss to be Dr-GRPO's over every completion token; "
                               f"{', '.join(changed)} changes it (the neutral values: "
                               f"{', '.join(f'{k}={v!r}' for k, v in neutral.items())})")
+        if getattr(args, "fp16", False):
+            # accelerate unscales the gradients inside clip_grad_norm_, after our last backward
+            # hook, and may skip the update: GNS and Fisher would read S-scaled gradients.
+            raise ConfigError("ProbeCallback: fp16=True (loss-scaled gradients) is not supported; use bf16=True, or "
+                              "our trainer's model.dtype=float16, whose probes know the loss scale")
         local = args.per_device_train_batch_size * args.steps_per_generation
         if local % args.num_generations:
             raise ConfigError(f"ProbeCallback: each process's generation batch ({local} rows) must hold whole groups "

@@ -123,6 +123,9 @@ def test_refuses_what_it_cannot_probe(tmp_path):
     for changed in ({"top_entropy_quantile": 0.2}, {"entropy_coef": 0.01}):
         with pytest.raises(ConfigError, match=f"{next(iter(changed))}=.* changes it"):
             ProbeCallback(make_trainer(tmp_path / "trl", **changed), PROBES, eval_prompts=EVAL)
+    fp16 = types.SimpleNamespace(**{**vars(make_trainer(tmp_path / "trl").args), "fp16": True})
+    with pytest.raises(ConfigError, match="fp16=True .* is not supported; use bf16=True"):
+        ProbeCallback._check(fp16)
     with pytest.raises(ConfigError, match="unknown probe kind"):
         ProbeCallback(make_trainer(tmp_path / "trl"), [{"name": "x", "kind": "nope"}], eval_prompts=EVAL)
 
