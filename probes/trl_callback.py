@@ -33,13 +33,12 @@ What carries over, and the limits, probe by probe:
   ``use_adaptive_entropy``) change the loss's weights, and are refused. With vLLM, TRL's
   importance-sampling correction weights each token's loss by π_θ/π_vLLM: the figures that take
   the loss's weights to be Dr-GRPO's (``LOSS_WEIGHTED``) leave them out, and a warning says so.
-  Gradient checkpointing
-  and ``bf16=True`` (TRL's defaults) are fine (``fp16=True`` is refused: its gradients are
-  loss-scaled until accelerate unscales them inside its clipping, after the probes read them): the probes' passes take off the input-gradient
-  hook and accelerate's autocast wrapper of ``forward`` (``probes/evaluation.py``). A checkpoint
+  Gradient checkpointing and ``bf16=True`` (TRL's defaults) are fine: the probes' passes take
+  off the input-gradient hook and accelerate's autocast wrapper of ``forward``
+  (``probes/evaluation.py``). ``fp16=True`` is refused: its gradients are loss-scaled until
+  accelerate unscales them inside its clipping, after the probes read them. A checkpoint
   without ``probe_state.pt`` (from a run without this callback) resumes with fresh probe state,
-  and says so in a warning. Several
-  processes reduce over accelerate's process group through ``DistInfo`` (tested: two processes
+  and says so in a warning. Several processes reduce over accelerate's process group through ``DistInfo`` (tested: two processes
   log what one does on the same generation batch).
 - ``delta_h``, ``fisher``: the E-batch comes from ``eval_prompts`` (prompt texts as TRL's
   generation sees them, chat template applied), sampled by our exact full-vocabulary sampler from
