@@ -38,8 +38,8 @@ What carries over, and the limits, probe by probe:
   (``probes/evaluation.py``). ``fp16=True`` is refused: its gradients are loss-scaled until
   accelerate unscales them inside its clipping, after the probes read them. A checkpoint
   without ``probe_state.pt`` (from a run without this callback) resumes with fresh probe state,
-  and says so in a warning. Several processes reduce over accelerate's process group through ``DistInfo`` (tested: two processes
-  log what one does on the same generation batch).
+  and says so in a warning. Several processes reduce over accelerate's process group through
+  ``DistInfo`` (tested: two processes log what one does on the same generation batch).
 - ``delta_h``, ``fisher``: the E-batch comes from ``eval_prompts`` (prompt texts as TRL's
   generation sees them, chat template applied), sampled by our exact full-vocabulary sampler from
   π_T, stopping at EOS like TRL's ``generate`` (``stop_strings`` to match other stopping). TRL's
