@@ -97,6 +97,26 @@ def test_ranks_hold_identical_parameters_and_every_probe_runs_over_a_bf16_model(
         assert row["probe/fisher/pred"] == pytest.approx(d("pred"), rel=0.05)
 
 
+def test_float16_at_two_ranks_trains_and_an_overflow_is_skipped_by_both(tmp_path):
+    """Every probe kind over a float16 model (loss-scaled) at two ranks; then a scale that
+    overflows: both ranks skip the update and drop the probes together (the gradients are
+    synced when checked: a rank that went on alone would hang the next collective)."""
+    run = run_torchrun(tmp_path / "ok", 2, *COMMON, "rollout.prompts_per_round=2", "model.dtype=float16",
+                       "probes.strict=true")
+    assert json.loads((run / "summary.json").read_text())["rank_param_max_abs_diff"] == 0.0
+    for row in train_log(run):
+        assert row["train/updates_skipped"] == 0.0 and row["train/loss_scale"] == 2.0**16
+        probe = {k: v for k, v in row.items() if k.startswith("probe/")}
+        assert {k.split("/")[1] for k in probe} == {"delta_h", "gns", "ess", "fisher"}, sorted(probe)
+        assert all(np.isfinite(v) for v in probe.values()), probe
+    run = run_torchrun(tmp_path / "overflow", 2, *COMMON, "rollout.prompts_per_round=2", "model.dtype=float16",
+                       "probes.strict=true", f"train.loss_scale_init={2.0**100}")
+    rows = train_log(run)
+    assert [r["train/loss_scale"] for r in rows] == [2.0**99, 2.0**98]
+    assert all(r["train/updates_skipped"] == 1.0 and not any(k.startswith("probe/") for k in r) for r in rows)
+    assert all(float(t.abs().max()) == 0.0 for k, t in adapter(run).items() if "lora_B" in k)
+
+
 def test_torchrun_resume_is_a_continuation(tmp_path):
     straight = run_torchrun(tmp_path / "a", 2, *COMMON, "rollout.prompts_per_round=2", "train.total_steps=4")
     half = run_torchrun(tmp_path / "b", 2, *COMMON, "rollout.prompts_per_round=2", "train.total_steps=2")
