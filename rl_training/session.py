@@ -298,6 +298,8 @@ def summarize(history: list[dict], seconds: float, step: int) -> dict:
         "entropy_first": (col("train/entropy") or [None])[0],
         "entropy_last": (col("train/entropy") or [None])[-1],
         "tokens_per_s_mean": mean(col("time/tokens_per_s")),
+        "logp_mismatch_mean": mean(col("rollout/logp_mismatch_tok")),
+        "updates_skipped": sum(col("train/updates_skipped")),  # float16 overflows (0 in other dtypes)
         "time_mean_s": {"step": mean(col("time/step_s")), "rollout": mean(col("time/rollout_s")),
                         "probes": mean(probe_times)},
         # The last value each probe key had (probes are due every N steps, B_simple once resolved),

@@ -28,6 +28,11 @@ def summary_rows(summary: dict) -> list[tuple[str, str]]:
     rows = [("reward", f"{_num(summary.get('reward_first'))} → {_num(summary.get('reward_last'))}"
                        f"   (pass rate, mean over steps: {_num(summary.get('pass_rate_mean'))})"),
             ("entropy / token", f"{_num(summary.get('entropy_first'))} → {_num(summary.get('entropy_last'))}")]
+    mismatch = summary.get("logp_mismatch_mean")
+    if mismatch is not None and math.isfinite(mismatch):
+        skipped = summary.get("updates_skipped") or 0
+        rows.append(("rollout mismatch", f"{_num(mismatch, '.2g')} nats/token (sampler vs trainer, mean over steps)"
+                                         + (f"; {skipped:g} updates skipped (float16 overflow)" if skipped else "")))
     pred, step = _probe(summary, "delta_h", "pred")
     if pred is not None:
         pred_se, _ = _probe(summary, "delta_h", "pred_se")

@@ -1,7 +1,8 @@
 """A run's report: ``rl-report --run-dir RUN`` writes RUN/report/ with PNG plots and report.html.
 
 Plots come from logs/train_log.jsonl and, when present, RUN/eval/*/consolidated_metrics.csv:
-reward and pass rate; entropy; δH₁ next to ΔH_true with 95 % bands, and their cumulative sums
+reward and pass rate; entropy; the rollout–training mismatch (and a float16 run's loss scale with
+its skipped updates); δH₁ next to ΔH_true with 95 % bands, and their cumulative sums
 next to the measured entropy H of the E-batches; GNS B_simple and the split of its noise;
 ESS; Fisher-kernel summaries; pass@k against the step. report.html embeds them under a table
 of the run's headline numbers; series.json lists the points of every plotted series. A
@@ -98,6 +99,28 @@ def plot_training(fg: Figures, rows: list[dict]) -> None:
     fg.line("reward_entropy", b, *series(rows, "train/entropy"), "entropy / token (training batch)")
     b.set(title="entropy")
     fg.save("reward_entropy", fig, (a, b))
+
+
+def plot_precision(fg: Figures, rows: list[dict]) -> None:
+    """The rollout–training mismatch; with float16, the loss scale and the skipped updates."""
+    scaled = bool(series(rows, "train/loss_scale")[0])
+    fig, axes = fg.new("precision", 2 if scaled else 1)
+    a = axes[0]
+    fg.line("precision", a, *series(rows, "rollout/logp_mismatch_tok"), "mean / token")
+    fg.line("precision", a, *series(rows, "rollout/logp_mismatch_max"), "max")
+    if all(v > 0 for v in series(rows, "rollout/logp_mismatch_tok")[1]):
+        a.set(yscale="log")
+    a.set(title="rollout–training mismatch |log π_sampler − log π_trainer|", ylabel="nats")
+    if scaled:
+        b = axes[1]
+        fg.line("precision", b, *series(rows, "train/loss_scale"), "loss scale after the step")
+        skipped = [(r["step"], r["train/loss_scale"]) for r in rows
+                   if "train/loss_scale" in r and r.get("train/updates_skipped", 0) > 0]
+        if skipped:
+            b.scatter([s for s, _ in skipped], [v for _, v in skipped], color="red", zorder=3, label="update skipped")
+            fg.drawn["precision"]["update skipped"] = len(skipped)
+        b.set(title="float16 loss scale", yscale="log", ylabel="S")
+    fg.save("precision", fig, axes)
 
 
 def plot_delta_h(fg: Figures, rows: list[dict]) -> None:
@@ -222,7 +245,7 @@ def make_report(run_dir: Path) -> Path:
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
     fg = Figures(out)
-    for plot in (plot_training, plot_delta_h, plot_gns, plot_ess, plot_fisher):
+    for plot in (plot_training, plot_precision, plot_delta_h, plot_gns, plot_ess, plot_fisher):
         plot(fg, rows)
     plot_eval(fg, run_dir)
     (out / "series.json").write_text(json.dumps(fg.drawn, indent=2))

@@ -22,6 +22,8 @@ def test_the_end_of_a_run_prints_a_readable_table(tmp_path, capsys):
     step_s = sum(r["time/step_s"] for r in rows) / 2
     assert f"time / step {step_s:.1f} s" in out
     assert f"run directory: {run}" in out and f"rl-eval --run-dir {run}" in out and f"rl-report --run-dir {run}" in out
+    mismatch = sum(r["rollout/logp_mismatch_tok"] for r in rows) / 2
+    assert f"rollout mismatch {mismatch:.2g} nats/token" in out and "updates skipped" not in out
     assert summary["probes_last_step"]["probe/delta_h/pred"] == 2
     assert summary["time_mean_s"]["probes"] > 0
 
@@ -34,6 +36,13 @@ def test_without_probes_the_table_has_no_probe_lines():
     assert "δH₁" not in text and "GNS" not in text and "run directory" not in text
     assert "0.1 → 0.5" in text and "1.5 → 1.25" in text and "rollout 10.0, probes 0.0, training and the rest 20.0" in text
     assert text.splitlines()[0] == "Dr-GRPO: 3 steps (3 in this run), 1.5 min"
+
+
+def test_float16_overflows_are_counted():
+    summary = {"steps": 3, "steps_this_run": 3, "seconds": 60.0, "probes_last": {}, "probes_last_step": {},
+               "time_mean_s": {}, "logp_mismatch_mean": 0.005, "updates_skipped": 2.0}
+    text = " ".join(format_summary(summary, None).split())
+    assert "rollout mismatch 0.005 nats/token (sampler vs trainer, mean over steps); 2 updates skipped (float16 overflow)" in text
 
 
 @pytest.mark.parametrize("resolved, line", [(0.0, "not resolved yet"), (1.0, "12.5 prompts = 50 sequences (step 7)")])
