@@ -3,24 +3,17 @@ each mismatch is measured on real completion tokens and is finite."""
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 
 import pytest
 
-from tests.helpers.runs import REPO
+from tests.helpers.runs import run_bench
 
 
 @pytest.mark.slow
 def test_bf16_mismatch_bench_smoke(tmp_path):
-    out = tmp_path / "bf16_mismatch.json"
-    cmd = [sys.executable, "bench/bf16_mismatch.py", "--rows", "4", "--out", str(out),
-           "--set", "model.name_or_path=tiny-random", "rollout.max_new_tokens=8", "data.reward=length_parity"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(out.read_text())
+    proc, r = run_bench("bf16_mismatch.py", tmp_path / "bf16_mismatch.json", "--rows", "4",
+                        "--set", "model.name_or_path=tiny-random", "rollout.max_new_tokens=8", "data.reward=length_parity")
     assert r["model"] == "tiny-random" and r["bfloat16"]["rows"] == 4
     for key in ("sampler_vs_trainer", "trainer_vs_trainer_one_row", "trainer_bf16_vs_float32_logits",
                 "sampler_vs_trainer_float32_logits"):

@@ -5,22 +5,15 @@ parameter at a time they cost six or seven a parameter, one each a module)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.helpers.runs import REPO
+from tests.helpers.runs import run_bench
 
 
 @pytest.mark.slow
 def test_fisher_cost_bench_smoke_on_the_tiny_shape(tmp_path):
-    out = tmp_path / "fisher_cost.json"
-    cmd = [sys.executable, "bench/fisher_cost.py", "--shape", "tiny", "--rounds", "1", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(out.read_text())
+    proc, r = run_bench("fisher_cost.py", tmp_path / "fisher_cost.json", "--shape", "tiny", "--rounds", "1")
     assert r["shape"] == "tiny" and r["sequences"] == 16
     for key in ("kernel_over_plain", "loop_over_kernel", "sketch_over_plain", "sketch_z2_mean"):
         assert 0 < r[key] < float("inf"), key

@@ -3,24 +3,17 @@ every gradient comparison and run figure is finite and in range."""
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 
 import pytest
 
-from tests.helpers.runs import REPO
+from tests.helpers.runs import run_bench
 
 
 @pytest.mark.slow
 def test_float16_training_bench_smoke(tmp_path):
-    out = tmp_path / "float16_training.json"
-    cmd = [sys.executable, "bench/float16_training.py", "--steps", "1", "--out", str(out),
-           "--set", "model.name_or_path=tiny-random", "rollout.max_new_tokens=8", "data.reward=length_parity"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(out.read_text())
+    proc, r = run_bench("float16_training.py", tmp_path / "float16_training.json", "--steps", "1",
+                        "--set", "model.name_or_path=tiny-random", "rollout.max_new_tokens=8", "data.reward=length_parity")
     assert r["model"] == "tiny-random" and r["gradient"]["tokens"] > 0
     for name in ("bfloat16", "float16_scaled", "float16_unscaled"):
         g = r["gradient"][name]

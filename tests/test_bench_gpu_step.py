@@ -3,32 +3,25 @@ figure it reports is a finite number, and what it measures is what it names."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.helpers.runs import REPO
+from tests.helpers.runs import run_bench
 
 pytest.importorskip("trl")
 
 
 @pytest.mark.slow
 def test_gpu_step_bench_smoke_on_the_tiny_shape(tmp_path):
-    out = tmp_path / "gpu_step.json"
-    # --budget-s 0: one timed round of the 3 asked for, then TRL, as a run at a device's time limit
-    cmd = [sys.executable, "bench/gpu_step.py", "--shape", "tiny", "--steps", "3", "--budget-s", "0", "--decode-reps",
-           "1", "--trl", "--compile-backend", "eager", "--vocab", "50000", "--out", str(out)]
     scratch = tmp_path / "tmp"
     scratch.mkdir()
-    env = {**os.environ, "TMPDIR": str(scratch)}
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # --budget-s 0: one timed round of the 3 asked for, then TRL, as a run at a device's time limit
+    proc, r = run_bench("gpu_step.py", tmp_path / "gpu_step.json", "--shape", "tiny", "--steps", "3", "--budget-s", "0",
+                        "--decode-reps", "1", "--trl", "--compile-backend", "eager", "--vocab", "50000",
+                        env={**os.environ, "TMPDIR": str(scratch)})
     assert not list(scratch.glob("gpu_step_*")), "the saved model and runs are removed at exit"
-    r = json.loads(out.read_text())
     assert "| decode, LoRA merged |" in proc.stdout and "| ours / TRL, s per step |" in proc.stdout
     assert r["rows"] == 8 and r["new_tokens"] == 16 and r["engine_merge_lora"] is False  # CPU: exact path
     assert r["vocab"] == 50000  # past the tokenizer's 49,152, as the real Qwen2.5's lm_head is past its tokenizer

@@ -52,6 +52,14 @@ def run_torchrun(tmp_path: Path, nproc: int, *overrides: str, cfg: Path = TINY, 
     return out / "run"
 
 
+def run_bench(script: str, out: Path, *args: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, dict]:
+    """``bench/<script> *args --out out`` as its own process: (the process, the JSON it wrote)."""
+    cmd = [sys.executable, f"bench/{script}", *args, "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, json.loads(out.read_text())
+
+
 def run_script(script: str, *args: str, env: dict | None = None, expect: int | None = 0):
     """A runner as its own process (so that it can be killed or signalled)."""
     return run_cmd([sys.executable, str(REPO / "runners" / script), *args], env=env, expect=expect)

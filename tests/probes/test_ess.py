@@ -1,8 +1,11 @@
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from probes.base import SetupContext, StepContext
+from probes.ess import EssProbe
 from probes.functional.ess import dr_grpo_weights, kish_ess, kish_sums
 
 
@@ -33,16 +36,16 @@ def test_dr_grpo_weights_with_the_loss_token_weights():
     assert dr_grpo_weights(adv, mask, tw).tolist() == [0.5 * 2.5, 2.0 * 4.0]
 
 
-def test_loss_ess_summed_over_microbatches_with_sampler_weights():
-    from types import SimpleNamespace
-
-    from probes.base import SetupContext, StepContext
-    from probes.ess import EssProbe
-
+def _probe_and_cfg(ppo_epochs: int):
+    """A set-up ESS probe and the config it reads."""
     probe = EssProbe("ess")
     probe.setup(SetupContext(None, None, None, None, {}))
     probe.reset_stats()
-    cfg = SimpleNamespace(train=SimpleNamespace(ppo_epochs=1))
+    return probe, SimpleNamespace(train=SimpleNamespace(ppo_epochs=ppo_epochs))
+
+
+def test_loss_ess_summed_over_microbatches_with_sampler_weights():
+    probe, cfg = _probe_and_cfg(1)
     gen = torch.Generator().manual_seed(5)
     adv = torch.randn(6, generator=gen)
     mask = (torch.rand(6, 5, generator=gen) < 0.8).long()
@@ -58,15 +61,7 @@ def test_loss_ess_summed_over_microbatches_with_sampler_weights():
 
 
 def test_ppo_ratio_ess_against_brute_force():
-    from types import SimpleNamespace
-
-    from probes.base import SetupContext, StepContext
-    from probes.ess import EssProbe
-
-    probe = EssProbe("ess")
-    probe.setup(SetupContext(None, None, None, None, {}))
-    probe.reset_stats()
-    cfg = SimpleNamespace(train=SimpleNamespace(ppo_epochs=3))
+    probe, cfg = _probe_and_cfg(3)
     gen = torch.Generator().manual_seed(3)
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
     old = -torch.rand(3, 4, generator=gen)
