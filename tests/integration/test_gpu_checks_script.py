@@ -26,7 +26,7 @@ def test_every_part_runs_on_the_cpu_shapes(tmp_path):
     assert "ok: 2 steps with every collective on a 1-rank gloo group" in log
     assert "TRL --trl" in proc.stdout  # trl imports here: the step is compared with TRL's
     step = json.loads((out / "gpu_step.json").read_text())
-    trainers = {"bare", "delta_h", "delta_h_fp32", "gns_ess", "fisher_sketch", "compiled", "float32_logits"}
+    trainers = {"bare", "delta_h", "delta_h_fp32", "gns_ess", "fisher_sketch", "compiled", "float32_logits", "float16"}
     assert step["done"] == "trl" and set(step["steps"]) == trainers
     assert json.loads((out / "gpu_vocab.json").read_text())["vocab"] == 50000
     for name in ("fisher_cost", "fisher_cost_qwen"):
