@@ -6,6 +6,8 @@ scale: ``rl_training/loss_scale.py``). Measured here:
 - one step's loss gradient (the same rollouts, sampled once by the float32 model) in each dtype
   against float32 arithmetic on the same rounded weights: relative error and cosine; float16
   with its loss scale and without one (S = 1), with the share of entries that underflow to 0;
+- the same for single sequences' ∇log π(y) (what the Fisher probe's own backward takes, not
+  loss-scaled): mean relative error over a few completions;
 - a short training run in each dtype, their steps alternating: the logged rollout–training
   mismatch (``rollout/logp_mismatch_tok``), seconds per step, updates skipped, the loss scale.
 
@@ -24,12 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from rl_training import dist, rollout  # noqa: E402
+from rl_training import dist, policy, rollout  # noqa: E402
 from rl_training.config import load_config  # noqa: E402
 from rl_training.loss_scale import LossScaler  # noqa: E402
 from rl_training.session import build_session  # noqa: E402
 
 DEMO = "cfg/smollm2_cpu_demo.yaml"
+SINGLE = 4  # completions whose own ∇log π is compared
 
 
 def loss_grad(trainer, batch, scale: float | None) -> torch.Tensor:
@@ -45,6 +48,18 @@ def loss_grad(trainer, batch, scale: float | None) -> torch.Tensor:
         scaler.scale_loss(terms.loss).backward()
     assert scaler.unscale_(params), "the gradient overflowed"
     return torch.cat([p.grad.reshape(-1).double() for p in params])
+
+
+def sequence_grads(trainer, batch, rows: int) -> list[torch.Tensor]:
+    """∇ Σ_t log π(y_t) of each of the first ``rows`` completions alone, flat float64."""
+    params = list(trainer.trainable.values())
+    out = []
+    for i in range(rows):
+        mb = batch.select(slice(i, i + 1))
+        logits = policy.completion_logits(trainer.policy, *mb.tensors, trainer.cfg.rollout.temperature)
+        lp = policy.token_logprobs(logits, mb.completion_ids) * mb.completion_mask.to(logits.device)
+        out.append(torch.cat([g.reshape(-1).double() for g in torch.autograd.grad(lp.sum(), params)]))
+    return out
 
 
 def compare(g: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -68,16 +83,20 @@ def gradient_precision(overrides: list[str]) -> dict:
         for n, p in frozen.items():
             p.data = original[n].to(dtype)
 
-    out: dict = {"sequences": len(batch), "tokens": int(batch.completion_mask.sum())}
+    out: dict = {"sequences": len(batch), "tokens": int(batch.completion_mask.sum()), "single_sequences": SINGLE}
     for dtype, scales in ((torch.bfloat16, (None,)), (torch.float16, (cfg.train.loss_scale_init, None))):
         set_frozen(dtype)
         grads = {s: loss_grad(trainer, batch, s) for s in scales}
+        singles = sequence_grads(trainer, batch, SINGLE)
         for p in frozen.values():  # the same rounded weights, float32 arithmetic
             p.data = p.data.float()
         ref = loss_grad(trainer, batch, None)
         for s, g in grads.items():
             name = "bfloat16" if dtype == torch.bfloat16 else ("float16_scaled" if s else "float16_unscaled")
             out[name] = compare(g, ref)
+        per_seq = [compare(g, r) for g, r in zip(singles, sequence_grads(trainer, batch, SINGLE))]
+        out[f"{'bfloat16' if dtype == torch.bfloat16 else 'float16'}_single_sequence"] = {
+            k: sum(c[k] for c in per_seq) / len(per_seq) for k in per_seq[0]}
     set_frozen(torch.float32)
     return out
 
@@ -119,11 +138,11 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    print(f"{result['model']}: one step's loss gradient ({grad['sequences']} sequences, {grad['tokens']} tokens) "
-          "against float32 arithmetic on the same rounded weights")
-    for name in ("bfloat16", "float16_scaled", "float16_unscaled"):
+    print(f"{result['model']}: one step's loss gradient ({grad['sequences']} sequences, {grad['tokens']} tokens), and "
+          f"{SINGLE} sequences' own ∇log π (means), against float32 arithmetic on the same rounded weights")
+    for name in ("bfloat16", "float16_scaled", "float16_unscaled", "bfloat16_single_sequence", "float16_single_sequence"):
         g = grad[name]
-        print(f"  {name:17s} rel err {g['rel_err']:.2e}  cosine {g['cosine']:.6f}  entries zeroed {g['zeroed_frac']:.4f}")
+        print(f"  {name:24s} rel err {g['rel_err']:.2e}  cosine {g['cosine']:.6f}  entries zeroed {g['zeroed_frac']:.4f}")
     print(f"training, {args.steps} steps each, alternating:")
     for d in ("float16", "bfloat16"):
         r = run[d]

@@ -171,7 +171,13 @@ def rows(results: dict) -> list[tuple[str, str, str]]:
                     f"demo's SmolLM2 + LoRA, one step's {g['sequences']} sequences, the same rounded weights in float32 the "
                     f"reference; relative errors bf16 {g['bfloat16']['rel_err']:.1e}, float16 with its loss scale "
                     f"{g['float16_scaled']['rel_err']:.1e}, without one {g['float16_unscaled']['rel_err']:.1e} "
-                    f"({g['float16_unscaled']['zeroed_frac']:.1%} of entries underflow to 0)"))
+                    f"({g['float16_unscaled']['zeroed_frac']:.2%} of entries underflow to 0)"))
+        if "float16_single_sequence" in g:
+            out.append(("float16 / bf16: one sequence's ∇log π error (unscaled: Fisher's own backward)",
+                        f"{g['float16_single_sequence']['rel_err'] / g['bfloat16_single_sequence']['rel_err']:.2f}",
+                        f"mean over {g['single_sequences']} completions; relative errors float16 "
+                        f"{g['float16_single_sequence']['rel_err']:.1e} ({g['float16_single_sequence']['zeroed_frac']:.2%} "
+                        f"of entries underflow to 0), bf16 {g['bfloat16_single_sequence']['rel_err']:.1e}"))
         out.append(("float16 / bf16 training: logged rollout–training mismatch", f"{r['mismatch_float16_over_bfloat16']:.2f}",
                     f"{r['steps']} steps each, alternating; {mean(f16['mismatch_tok']):.4f} against "
                     f"{mean(b16['mismatch_tok']):.4f} nats/token; float16 updates skipped {f16['updates_skipped']:g}"))

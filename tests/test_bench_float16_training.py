@@ -15,7 +15,7 @@ def test_float16_training_bench_smoke(tmp_path):
     proc, r = run_bench("float16_training.py", tmp_path / "float16_training.json", "--steps", "1",
                         "--set", "model.name_or_path=tiny-random", "rollout.max_new_tokens=8", "data.reward=length_parity")
     assert r["model"] == "tiny-random" and r["gradient"]["tokens"] > 0
-    for name in ("bfloat16", "float16_scaled", "float16_unscaled"):
+    for name in ("bfloat16", "float16_scaled", "float16_unscaled", "bfloat16_single_sequence", "float16_single_sequence"):
         g = r["gradient"][name]
         assert 0 < g["rel_err"] < 0.1 and 0.99 < g["cosine"] <= 1 + 1e-12 and 0 <= g["zeroed_frac"] <= 1, name
     for d in ("float16", "bfloat16"):

@@ -74,10 +74,15 @@ def test_table_has_one_row_per_ratio():
     text = run_all.table({"float16_training": f16}, INFO)
     assert ("| float16 / bf16 training: loss-gradient error against float32 arithmetic | 0.12 | demo's SmolLM2 + LoRA, "
             "one step's 16 sequences, the same rounded weights in float32 the reference; relative errors bf16 5.0e-03, "
-            "float16 with its loss scale 6.0e-04, without one 2.0e-03 (1.2% of entries underflow to 0) |") in text
+            "float16 with its loss scale 6.0e-04, without one 2.0e-03 (1.20% of entries underflow to 0) |") in text
     assert ("| float16 / bf16 training: logged rollout–training mismatch | 0.11 | 3 steps each, alternating; 0.0050 "
             "against 0.0450 nats/token; float16 updates skipped 0 |") in text
     assert "| float16 / bf16 training: s/step | 1.05 | 11.0 against 10.5 s (these CPU cores; no GPU measurement) |" in text
+    f16["gradient"].update(single_sequences=4, float16_single_sequence={"rel_err": 1e-3, "zeroed_frac": 0.0},
+                           bfloat16_single_sequence={"rel_err": 8e-3})
+    assert ("| float16 / bf16: one sequence's ∇log π error (unscaled: Fisher's own backward) | 0.12 | mean over 4 "
+            "completions; relative errors float16 1.0e-03 (0.00% of entries underflow to 0), bf16 8.0e-03 |"
+            ) in run_all.table({"float16_training": f16}, INFO)
     assert run_all.rows({}) == []
 
 
