@@ -36,8 +36,6 @@ from rl_training.session import build_session
 
 log = logging.getLogger(__name__)
 
-MAX_LOSS_SCALE_BACKOFFS = 64  # float16: tries of one update, the loss scale halved after each overflow
-
 
 def resolve_checkpoint(path: Path, need_optimizer: bool) -> Path:
     """A checkpoints/step_N folder (verified) from it, its checkpoints/ folder or a run directory."""
@@ -111,16 +109,14 @@ class EntropyExperiment:
             tr.cfg.train.buffer_size = bu
             tr.accum = grad_accum(tr.cfg, self.world.world_size)
         try:
-            for _ in range(MAX_LOSS_SCALE_BACKOFFS):
-                for group in tr.optimizer.param_groups:
+            while True:  # float16: an overflowed update again on the same U-batch at half the loss scale
+                for group in tr.optimizer.param_groups:  # (the scaler stops the run once S <= 1 overflows)
                     group["lr"] = lr
                 tr.step = 10_000_000 + key  # rollout seeds are keyed by step: a fresh U-batch per key
                 out = tr.train_step()
                 if not out.metrics.get("train/updates_skipped"):
                     break
-                self._restore(saved)  # float16 overflow: the same U-batch again at half the loss scale
-            else:
-                raise RuntimeError(f"the update overflowed in float16 at every loss scale down to {tr.loss_scaler.scale}")
+                self._restore(saved)
             self.last_batch = out.batch
             self.last_clip = clip_coefficient(out.metrics["train/grad_norm"], tr.cfg.train.grad_clip)
             self.last_preconditioner = adam_preconditioner(tr.optimizer, tr.trainable)

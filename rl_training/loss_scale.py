@@ -18,6 +18,8 @@ import math
 
 import torch
 
+from rl_training.errors import ConfigError
+
 
 class LossScaler:
     def __init__(self, enabled: bool, init_scale: float = 2.0**16, growth_interval: int = 2000):
@@ -43,9 +45,15 @@ class LossScaler:
         return bool(norms.isfinite().all())  # one device-to-host read a step
 
     def update(self, finite: bool) -> None:
+        """After each optimizer step (skipped or not). An overflow at S ≤ 1 is not the scale's:
+        gradients no larger than the true ones overflow, so the float16 forward or gradient
+        itself does, and halving on would skip every step from then on."""
         if not self.enabled:
             return
         if not finite:
+            if self.scale <= 1.0:
+                raise ConfigError(f"'model.dtype' float16: the gradient is inf or nan even at loss scale {self.scale:g} "
+                                  "(no larger than the true one): this model overflows float16; train in bfloat16")
             self.scale, self.good_steps = self.scale / 2.0, 0
             return
         self.good_steps += 1

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from rl_training.errors import ConfigError
 from rl_training.loss_scale import LossScaler
 
 
@@ -49,3 +50,11 @@ def test_backoff_growth_and_state():
     assert (t.scale, t.good_steps) == (2.0**16, 1)
     with pytest.raises(AssertionError, match="power of two"):
         LossScaler(True, 1000.0)
+
+
+def test_an_overflow_at_scale_one_is_the_models_and_stops_the_run():
+    s = LossScaler(True, 2.0)
+    s.update(False)
+    assert s.scale == 1.0
+    with pytest.raises(ConfigError, match=r"'model.dtype' float16: .* even at loss scale 1 .*train in bfloat16"):
+        s.update(False)

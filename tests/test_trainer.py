@@ -205,6 +205,9 @@ def test_float16_training_does_not_depend_on_the_loss_scale(tmp_path):
                 "probe/dh/pred", "probe/dh/true", "probe/fisher/pred"]
         for k in keys:
             assert ra[k] == pytest.approx(rb[k], rel=2e-3), k
+        d = lambda key: ra[f"probe/dh/{key}"]  # noqa: E731
+        assert abs(d("pred") - d("true")) < 4 * math.hypot(d("pred_se"), d("true_se")) and d("pred") != 0
+        assert 0 < d("logp_gap_tok") < 1e-2 and d("sampler_ess_frac") > 0.99  # a float16 forward, the probe's float32
 
 
 def test_float16_overflow_skips_the_update_and_the_probes_and_resumes_with_its_scale(tmp_path):
