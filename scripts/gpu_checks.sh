@@ -6,7 +6,7 @@
 #                      on the demo's setting (SmolLM2's shape, LoRA r16 q/v, 16 sequences), bf16
 #   3. gpu_step        issues 9 and 12: the user's step (Qwen2.5-1.5B's shape, 128 × 200 tokens):
 #                      decode tok/s, our step bare / compiled / with δH (split bf16 GEMMs and
-#                      float32 GEMMs) / gns+ess / Fisher / float32 logits, the mismatch, ours vs
+#                      float32 GEMMs) / gns+ess / Fisher / float32 logits / float16, the mismatch, ours vs
 #                      TRL (when trl and datasets import), peak memory
 #   4. gpu_vocab       δH and the step at the real Qwen2.5 vocabulary (151,936)
 #   5. fisher_cost_qwen  the Fisher kernel's cost at the user's shape
