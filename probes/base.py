@@ -20,6 +20,17 @@ from probes.stats import StatSet
 from rl_training.errors import ConfigError
 
 
+# The figures that take every token's weight in the loss to be Dr-GRPO's (kind -> figures):
+# importance weights on the loss (``train.sampler_correction``, TRL's vLLM correction) are left
+# out of them. δH₁, ΔH, GNS and the Fisher kernel read the real update or ∇log π and are not.
+LOSS_WEIGHTED = {"delta_h": "cov_pred", "ess": "the loss-weight ESS", "fisher": "the c_j and contrib_ratio"}
+
+
+def loss_weighted_figures(kinds: set[str], exclude: set[str] = frozenset()) -> list[str]:
+    """The figures, as "<kind>'s <figures>", of the probe kinds present that leave the loss's weights out."""
+    return [f"{kind}'s {LOSS_WEIGHTED[kind]}" for kind in LOSS_WEIGHTED if kind in kinds and kind not in exclude]
+
+
 @dataclass(frozen=True)
 class StepContext:
     step: int

@@ -32,7 +32,7 @@ What carries over, and the limits, probe by probe:
   token in the loss: ``top_entropy_quantile`` < 1 and an entropy bonus (``entropy_coef``,
   ``use_adaptive_entropy``) change the loss's weights, and are refused. With vLLM, TRL's
   importance-sampling correction weights each token's loss by π_θ/π_vLLM: the figures that take
-  the loss's weights to be Dr-GRPO's (``LOSS_WEIGHTED``) leave them out, and a warning says so.
+  the loss's weights to be Dr-GRPO's (``probes.base.LOSS_WEIGHTED``) leave them out, and a warning says so.
   Gradient checkpointing and ``bf16=True`` (TRL's defaults) are fine: the probes' passes take
   off the input-gradient hook and accelerate's autocast wrapper of ``forward``
   (``probes/evaluation.py``). ``fp16=True`` is refused: its gradients are loss-scaled until
@@ -67,7 +67,7 @@ import torch.distributed as tdist
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from probes.base import SetupContext, StepContext
+from probes.base import SetupContext, StepContext, loss_weighted_figures
 from probes.ebatch import EBatchSource
 from probes.manager import ProbeManager
 from rl_training.config import config_from_dict
@@ -79,8 +79,6 @@ log = logging.getLogger(__name__)
 
 GROUP_KEY = "probe_group_index"  # added to TRL's batch dict: the prompt group of each row
 STATE_FILE = "probe_state.pt"  # the probes' state, in each of TRL's checkpoint folders
-# What takes every token's loss weight to be Dr-GRPO's, kind -> the figures
-LOSS_WEIGHTED = {"delta_h": "cov_pred", "ess": "the loss-weight ESS", "fisher": "the c_j and contrib_ratio"}
 
 
 def is_correction_warning(args, probes: list[dict]) -> str | None:
@@ -90,7 +88,7 @@ def is_correction_warning(args, probes: list[dict]) -> str | None:
     (Not supported instead: no vLLM here to test TRL's ratios against.)"""
     if not (getattr(args, "use_vllm", False) and getattr(args, "vllm_importance_sampling_correction", False)):
         return None
-    hit = [f"{kind}'s {LOSS_WEIGHTED[kind]}" for kind in LOSS_WEIGHTED if kind in {p.get("kind") for p in probes}]
+    hit = loss_weighted_figures({p.get("kind") for p in probes})
     if not hit:
         return None
     return (f"ProbeCallback: TRL's vLLM importance-sampling correction (mode "

@@ -30,6 +30,7 @@ same global batch, and a resumed run repeats what the uninterrupted run would ha
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 import warnings
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from probes.base import SetupContext, StepContext
+from probes.base import SetupContext, StepContext, loss_weighted_figures
 from probes.manager import ProbeManager
 from probes.stats import StatSet
 from rl_training import checkpoint, policy, rollout
@@ -48,6 +49,8 @@ from rl_training.dist import DistInfo
 from rl_training.engine import build_engine
 from rl_training.loss_scale import LossScaler
 from rl_training.sampling import stable_seed
+
+log = logging.getLogger("rl_training")
 
 
 def build_optimizer(model, cfg: RunConfig):
@@ -116,6 +119,12 @@ class Trainer:
                              train_records=list(scheduler.records), prompt_fn=prompt_fn)
         self.ebatches = setup.ebatches  # the probes' E-batches, generated with the step's rollouts
         probes.setup(setup)
+        if cfg.train.sampler_correction != "none" and world.is_main:
+            # the ESS probe reads the loss's weights (StepContext.token_weight); these do not
+            hit = loss_weighted_figures({p.kind for p in probes.probes}, exclude={"ess"})
+            if hit:
+                log.warning("train.sampler_correction=%s weights each token's loss by π_trainer/π_sampler; %s take "
+                            "those weights as 1", cfg.train.sampler_correction, ", ".join(hit))
 
     # ------------------------------------------------------------------------------ step
     def train_step(self) -> StepOutput:

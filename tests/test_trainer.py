@@ -1,10 +1,11 @@
 import json
+import logging
 import math
 
 import pytest
 import torch
 
-from tests.helpers.runs import adapter, run_in_process, train_log
+from tests.helpers.runs import TINY, adapter, run_in_process, train_log
 
 
 def test_tiny_run_trains_logs_and_saves(tmp_path):
@@ -222,3 +223,15 @@ def test_float16_overflow_skips_the_update_and_the_probes_and_resumes_with_its_s
     assert all(float(t.abs().max()) == 0.0 for k, t in adapter(run).items() if "lora_B" in k)  # never updated
     assert resume_main(["--run-dir", str(run), "--additional-steps", "1"]) == 0
     assert train_log(run)[-1]["train/loss_scale"] == 2.0**98  # the checkpoint's scale, halved again
+
+
+def test_sampler_correction_names_the_figures_that_leave_its_weights_out(caplog):
+    from rl_training import dist
+    from rl_training.config import load_config
+    from rl_training.session import build_session
+
+    cfg = load_config(TINY, ["train.sampler_correction=token_truncate"])  # tiny_test.yaml has every probe kind
+    with caplog.at_level(logging.WARNING, logger="rl_training"):
+        build_session(cfg, dist.DistInfo())
+    (msg,) = [r.getMessage() for r in caplog.records if "sampler_correction" in r.getMessage()]
+    assert "delta_h's cov_pred" in msg and "fisher's the c_j and contrib_ratio" in msg and "ess" not in msg
