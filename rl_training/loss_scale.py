@@ -1,12 +1,13 @@
 """Dynamic loss scaling, for a float16 model's backward.
 
 The Dr-GRPO loss is divided by N·L_budget (51,200 at the user's setting), so its activation
-gradients sit around 1e-5 to 1e-8: in float16 (smallest normal 6e-5) they underflow. The loss
-is multiplied by S before the backward and the gradients divided by S after; S halves when a
-gradient is inf or nan (the step is then skipped) and doubles after ``growth_interval`` good
-steps in a row, as torch.amp.GradScaler does. Ours says whether the step will be skipped
+gradients fall below float16's range (smallest normal 6e-5): unscaled, the demo's LoRA gradient
+is 21 % off and 0.08 % of its entries are 0; with S = 2¹⁶, 0.9 % off (``bench/float16_training.py``).
+The loss is multiplied by S before the backward and the gradients divided by S after; S halves
+when a gradient is inf or nan (the step is then skipped) and doubles after ``growth_interval``
+good steps in a row, as torch.amp.GradScaler does. Ours says whether the step will be skipped
 before the optimizer step, so that the probes can drop that step instead of reading an inf
-gradient or a zero update. S is a power of two: scaling and unscaling are exact.
+gradient or a zero update. S is a power of two, so the scaling itself rounds nothing.
 
 Gradients are the same on every rank when they are checked (DDP has averaged them), so every
 rank skips the same steps without a collective.
