@@ -34,7 +34,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-bench: $(STAMP)  # every bench/ script in one run (≈ 55 min on 2 CPU cores): bench/results.json + the README table
+bench: $(STAMP)  # every bench/ script in one run (≈ 62 min on 2 CPU cores): bench/results.json + the README table
 	$(PY) bench/run_all.py --readme
 
 clean:

@@ -4,7 +4,7 @@ Runs each bench script in turn as its own process (one at a time: they time the 
 reads the JSON each writes, and puts the ratios side by side with the machine they were
 measured on. ``--readme`` replaces the table between the README's bench markers.
 
-    python bench/run_all.py --readme            # ≈ 55 min on 2 CPU cores
+    python bench/run_all.py --readme            # ≈ 62 min on 2 CPU cores
     python bench/run_all.py --table-only        # rebuild the table from bench/results/*.json
                                                 # (else the committed bench/results.json)
 """
