@@ -30,6 +30,7 @@ from rl_training import dist, policy, rollout  # noqa: E402
 from rl_training.config import load_config  # noqa: E402
 from rl_training.loss_scale import LossScaler  # noqa: E402
 from rl_training.session import build_session  # noqa: E402
+from rl_training.trainer import total_grad_norm  # noqa: E402
 
 DEMO = "cfg/smollm2_cpu_demo.yaml"
 SINGLE = 4  # completions whose own ∇log π is compared
@@ -46,7 +47,8 @@ def loss_grad(trainer, batch, scale: float | None) -> torch.Tensor:
     for i in range(trainer.accum):
         terms, *_ = trainer._microbatch_loss(batch.select(slice(i * micro, (i + 1) * micro)))
         scaler.scale_loss(terms.loss).backward()
-    assert scaler.unscale_(params), "the gradient overflowed"
+    scaler.unscale_(params)
+    assert scaler.finite(total_grad_norm(params)), "the gradient overflowed"
     return torch.cat([p.grad.reshape(-1).double() for p in params])
 
 

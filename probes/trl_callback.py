@@ -32,7 +32,8 @@ What carries over, and the limits, probe by probe:
   token in the loss: ``top_entropy_quantile`` < 1 and an entropy bonus (``entropy_coef``,
   ``use_adaptive_entropy``) change the loss's weights, and are refused. With vLLM, TRL's
   importance-sampling correction weights each token's loss by π_θ/π_vLLM: the figures that take
-  the loss's weights to be Dr-GRPO's (``probes.base.LOSS_WEIGHTED``) leave them out, and a warning says so.
+  the loss's weights to be Dr-GRPO's (``probes.base.LOSS_WEIGHTED``) leave them out, and a
+  warning says so.
   Gradient checkpointing and ``bf16=True`` (TRL's defaults) are fine: the probes' passes take
   off the input-gradient hook and accelerate's autocast wrapper of ``forward``
   (``probes/evaluation.py``). ``fp16=True`` is refused: its gradients are loss-scaled until

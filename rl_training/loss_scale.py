@@ -33,17 +33,16 @@ class LossScaler:
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss * self.scale if self.enabled else loss
 
-    def unscale_(self, params: list[torch.Tensor]) -> bool:
-        """Divide the gradients by S in place; False when one of them is not finite (the
-        step must be skipped). Disabled: nothing to do, True."""
-        if not self.enabled:
-            return True
+    def unscale_(self, params: list[torch.Tensor]) -> None:
+        """Divide the gradients by S in place (disabled: nothing to do)."""
         grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return True
-        torch._foreach_mul_(grads, 1.0 / self.scale)
-        norms = torch.stack(torch._foreach_norm(grads))
-        return bool(norms.isfinite().all())  # one device-to-host read a step
+        if self.enabled and grads:
+            torch._foreach_mul_(grads, 1.0 / self.scale)
+
+    def finite(self, total_norm: torch.Tensor) -> bool:
+        """False when the unscaled gradients' total norm is inf or nan: the step must be skipped
+        (one device-to-host read). Disabled: True, as before scaling existed."""
+        return not self.enabled or bool(total_norm.isfinite())
 
     def update(self, finite: bool) -> None:
         """After each optimizer step (skipped or not). An overflow at S ≤ 1 is not the scale's:

@@ -11,11 +11,11 @@
           probes.on_after_backward(ctx)           # local, per-microbatch gradients (GNS small batch); after
                                                   # the last of epoch 0: exchange-stats summed over the ranks,
                                                   # a round at a time, each followed by probes.on_exchanged
-      finite = unscale gradients                  # float16: ÷ the loss scale; inf/nan: the update is
-                                                  # skipped and the due probes drop this step
+      unscale gradients; norm = |g|               # float16: ÷ the loss scale; |g| inf/nan: the update
+                                                  # is skipped and the due probes drop this step
       probes.on_before_optimizer_step(ctx)        # synced gradient (GNS big batch)
       if epoch == 0: snapshot θ_k                 # once per step, only if a due probe asks
-      clip; optimizer.step() if finite
+      clip with norm; optimizer.step() if finite
       probes.on_after_optimizer_step(ctx)         # Δθ = θ_now − θ_k (exact, any optimizer)
       optimizer.zero_grad()                       # only after the probes ran
     lr_scheduler.step()                           # counts trainer steps, not PPO epochs
@@ -69,15 +69,18 @@ def build_optimizer(model, cfg: RunConfig):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def clip_and_norm(params: list[torch.Tensor], max_norm: float) -> float:
-    """Total gradient norm before clipping; clips in place when max_norm > 0. Parameters
-    without a gradient (trainable but outside this step's graph) count as zero."""
+def total_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """The gradients' total 2-norm (a 0-d tensor); parameters without a gradient (trainable but
+    outside this step's graph) count as zero."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+
+
+def clip_grads(params: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
+    """clip_grad_norm_ with the norm already taken (``total_grad_norm``); max_norm <= 0: no clip."""
     grads = [p for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))
-    return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in grads])))
+    if max_norm > 0 and grads:
+        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total_norm)
 
 
 # The trainer's own per-step statistics, (name, reduce): reduced across ranks together with the
@@ -161,14 +164,17 @@ class Trainer:
                 if epoch == 0:
                     self._add_mismatch(sums, mb, logp, sw)
                 self.probes.on_after_backward(mb_ctx.replace(token_logp=logp, token_weight=sw.weight if sw else None))
-            finite = self.loss_scaler.unscale_(params)
+            self.loss_scaler.unscale_(params)
+            norm = total_grad_norm(params)  # once a step: the overflow check and the clip
+            finite = self.loss_scaler.finite(norm)
             if not finite:  # the same on every rank: the gradients are synced
                 sums["updates_skipped"] += 1.0
                 self.probes.drop_step()
             self.probes.on_before_optimizer_step(ctx)
             if epoch == 0:  # θ_k, before the first update of the step; later epochs see it too
                 snapshot = self.probes.param_snapshot(self.trainable)
-            grad_norm = clip_and_norm(params, cfg.train.grad_clip)
+            clip_grads(params, cfg.train.grad_clip, norm)
+            grad_norm = float(norm)
             if finite:
                 self.optimizer.step()
             self.loss_scaler.update(finite)

@@ -3,6 +3,7 @@ import torch
 
 from rl_training.errors import ConfigError
 from rl_training.loss_scale import LossScaler
+from rl_training.trainer import total_grad_norm
 
 
 def _params(*grads):
@@ -19,7 +20,8 @@ def test_disabled_is_the_identity():
     loss = torch.tensor(3.0)
     assert s.scale == 1.0 and s.scale_loss(loss) is loss
     p = _params(torch.tensor([float("inf")]))
-    assert s.unscale_(p) and p[0].grad.item() == float("inf")  # nothing checked, nothing skipped
+    s.unscale_(p)
+    assert s.finite(total_grad_norm(p)) and p[0].grad.item() == float("inf")  # nothing checked, nothing skipped
     s.update(False)
     assert s.scale == 1.0
 
@@ -29,10 +31,12 @@ def test_scale_then_unscale_is_exact_and_overflow_is_reported():
     assert s.scale_loss(torch.tensor(0.1)).item() == pytest.approx(0.1 * 4096)
     g = torch.randn(5, generator=torch.Generator().manual_seed(0))
     p = _params(g * 4096, torch.ones(2) * 4096)
-    assert s.unscale_(p)
+    s.unscale_(p)
+    assert s.finite(total_grad_norm(p))
     assert torch.equal(p[0].grad, g) and torch.equal(p[1].grad, torch.ones(2))  # a power of two: exact
-    assert not s.unscale_(_params(torch.ones(3), torch.tensor([1.0, float("nan")])))
-    assert not s.unscale_(_params(torch.tensor([float("inf")])))
+    for bad in (_params(torch.ones(3), torch.tensor([1.0, float("nan")])), _params(torch.tensor([float("inf")]))):
+        s.unscale_(bad)
+        assert not s.finite(total_grad_norm(bad))
 
 
 def test_backoff_growth_and_state():
